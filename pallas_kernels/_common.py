@@ -1,0 +1,85 @@
+"""Helpers shared by the block-sparse attention kernels (not public API)."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import triton as pltriton
+
+# Finite "minus infinity" for masked logits and the initial running max. Finite so that differences of two masked
+# values stay 0 (exp2(0) = 1) instead of producing inf - inf = NaN; every masked probability is forced to 0 with a
+# `where`, so this value never reaches the output.
+NEG_INF = -1e30
+LOG2E = math.log2(math.e)
+
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+IMPLEMENTATIONS = ("pallas", "pallas_interpret", "reference")
+
+
+def next_pow2(n: int) -> int:
+  return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def is_pow2(n: int) -> bool:
+  return n > 0 and (n & (n - 1)) == 0
+
+
+def resolve_implementation(implementation: str | None) -> str:
+  """None -> "pallas" when the default backend is a GPU, else "reference"."""
+  if implementation is None:
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+  return implementation
+
+
+def check_float(name: str, x) -> None:
+  if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+    raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+
+
+def check_int32(name: str, x) -> None:
+  if jnp.dtype(x.dtype) != jnp.dtype(jnp.int32):
+    raise ValueError(f"{name} must be int32, got {x.dtype}")
+
+
+def dot_precision(dtype):
+  """float32 operands: exact IEEE products (Triton would otherwise use TF32); 16-bit: the default (tensor cores)."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.dtype(jnp.float32) else None
+
+
+def num_sms() -> int:
+  """Streaming multiprocessors of the default device (132 on an H100 SXM when the runtime does not say)."""
+  try:
+    count = getattr(jax.devices()[0], "core_count", None)
+    if count:
+      return int(count)
+  except Exception:  # pragma: no cover - defensive: any backend oddity falls back to the H100 figure
+    pass
+  return 132
+
+
+def pad_axis(x, axis: int, new_size: int, value=0):
+  if x.shape[axis] == new_size:
+    return x
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, new_size - x.shape[axis])
+  return jnp.pad(x, pads, constant_values=value)
+
+
+def gather_blocks(ref, block_ids, token_mask):
+  """Masked gather of whole blocks from a [num_blocks, S, D] ref inside a kernel: returns [n, S, D].
+
+  `block_ids` [n] int32 (already clamped into range), `token_mask` [n, S] bool: rows where it is False are not read
+  (no memory traffic) and come back as 0. Every dimension is indexed by an explicit integer array, a form that both the
+  Triton lowering (one pointer tensor, contiguous along D) and interpret mode (a plain gather) support.
+  """
+  n = block_ids.shape[0]
+  _, block_size, head_dim = ref.shape
+  shape = (n, block_size, head_dim)
+  rows = jnp.broadcast_to(block_ids[:, None, None], shape)
+  toks = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  cols = jax.lax.broadcasted_iota(jnp.int32, shape, 2)
+  mask = jnp.broadcast_to(token_mask[:, :, None], shape)
+  return pltriton.load(ref.at[rows, toks, cols], mask=mask, other=0)

@@ -1,0 +1,153 @@
+"""`python -m sparda_jax.generate`: generate text with dense, query-sparse or SparDA attention.
+
+Text streams to stdout; timing goes to stderr. Bad input ends in one `error: ...` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sparda_jax.config import ATTENTION_MODES, SparseConfig
+from sparda_jax.errors import SpardaError
+
+EXIT_USAGE = 2
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message; we promise one line
+        raise SpardaError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _ArgumentParser(prog="python -m sparda_jax.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="GGUF file or HF directory (default: the embedded SmolLM2-135M-Instruct)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="prompt text (used raw unless --chat)")
+    prompt.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention", default="dense", help=f"one of {', '.join(ATTENTION_MODES)}")
+    p.add_argument("--top-k-blocks", type=int, default=SparseConfig.top_k_blocks,
+                   help="KV blocks (of 64 tokens) each query attends to, forced ones included")
+    p.add_argument("--local-blocks", type=int, default=SparseConfig.local_blocks,
+                   help="full blocks before the current one that are always attended")
+    p.add_argument("--forecast", help="Forecast checkpoint directory (train.forecast output) for --attention sparda")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--json", action="store_true", help="end stdout with one JSON object describing the run")
+    return p
+
+
+def _read_prompt(args) -> str:
+    if args.prompt_file is not None:
+        try:
+            return Path(args.prompt_file).read_text()
+        except OSError as e:
+            raise SpardaError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
+    if args.prompt is None:
+        raise SpardaError("give a prompt with --prompt or --prompt-file")
+    return args.prompt
+
+
+def _validate(args) -> SparseConfig:
+    if args.attention not in ATTENTION_MODES:
+        raise SpardaError(f"unknown attention mode {args.attention!r} (choose from {', '.join(ATTENTION_MODES)})")
+    if args.max_new_tokens < 0:
+        raise SpardaError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.top_k_blocks < 1 or args.local_blocks < 0:
+        raise SpardaError("--top-k-blocks must be >= 1 and --local-blocks >= 0")
+    if args.forecast is not None and not Path(args.forecast).exists():
+        raise SpardaError(f"Forecast checkpoint not found: {args.forecast}")
+    if args.forecast is not None and args.attention != "sparda":
+        raise SpardaError("--forecast only applies to --attention sparda")
+    if args.model is not None and not Path(args.model).exists():
+        raise SpardaError(f"model path does not exist: {args.model}")
+    return SparseConfig(top_k_blocks=args.top_k_blocks, local_blocks=args.local_blocks)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    sparse = _validate(args)
+    prompt_text = _read_prompt(args)
+    from sparda_jax.sampling import SamplingConfig
+
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+
+    # Heavy imports only after the cheap checks, so bad flags fail fast.
+    import jax.numpy as jnp
+
+    from sparda_jax import forecast_checkpoint
+    from sparda_jax.generation import Generator
+    from sparda_jax.model import build_model
+    from sparda_jax.tokenizer import load_tokenizer
+    from sparda_jax.weights import load_checkpoint
+
+    checkpoint = load_checkpoint(args.model)
+    tokenizer = load_tokenizer(checkpoint)
+    if args.chat:
+        prompt_text = tokenizer.apply_chat_template(prompt_text)
+    prompt_ids = tokenizer.encode(prompt_text)
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    model = build_model(checkpoint.weights, checkpoint.config, dtype=dtype)
+    if args.attention == "sparda":
+        forecast_dir = args.forecast or forecast_checkpoint.default_forecast_for(checkpoint.path)
+        if forecast_dir is not None:
+            forecast_checkpoint.load_forecast(model, forecast_dir)
+    generator = Generator(model, sparse, mode=args.attention)
+    generator.check_fits(len(prompt_ids), args.max_new_tokens)
+
+    streamed: list[int] = []
+    printed = ""
+
+    def on_token(token_id: int) -> None:
+        nonlocal printed
+        streamed.append(token_id)
+        text = tokenizer.decode(streamed)
+        # Hold back a trailing partial UTF-8 character until its next byte arrives.
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+
+    result = generator.generate(prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                                stop_ids=tokenizer.eos_ids, on_token=on_token)
+    text = tokenizer.decode(result.token_ids)
+    sys.stdout.write(text[len(printed):] + "\n")
+    print(f"[{args.attention}] prompt {len(prompt_ids)} tokens, compile {result.compile_s:.2f} s, "
+          f"prefill {result.prefill_s:.3f} s, decode {result.decode_tokens_per_s:.1f} tok/s "
+          f"({len(result.token_ids)} new tokens, stop: {result.stop_reason})", file=sys.stderr)
+    if args.json:
+        print(json.dumps({
+            "text": text,
+            "prompt_token_ids": result.prompt_token_ids,
+            "token_ids": result.token_ids,
+            "prefill_s": result.prefill_s,
+            "decode_tokens_per_s": result.decode_tokens_per_s,
+            "compile_s": result.compile_s,
+            "stop_reason": result.stop_reason,
+            "attention": args.attention,
+            "model": str(checkpoint.path),
+        }))
+    return 0
+
+
+def main() -> None:
+    try:
+        code = run()
+    except SpardaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

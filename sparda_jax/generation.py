@@ -1,0 +1,140 @@
+"""Text generation with the device-resident KV cache: one jitted prefill, one jitted decode step per token."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparda_jax.config import ATTENTION_MODES, SparseConfig
+from sparda_jax.errors import SpardaError
+from sparda_jax.model import KVCache, Transformer
+from sparda_jax.sampling import SamplingConfig, sample
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # new tokens only, without the stop token
+    stop_reason: str  # "eos" or "length"
+    compile_s: float
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first new token comes out of prefill; the rest are decode steps.
+        steps = max(len(self.token_ids) - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class Generator:
+    """Compiles prefill and decode once per (mode, shapes) and streams tokens.
+
+    >>> gen = Generator(model, SparseConfig(top_k_blocks=16), mode="sparda")
+    >>> result = gen.generate(prompt_ids, max_new_tokens=32, sampling=SamplingConfig(), seed=0)
+    """
+
+    def __init__(self, model: Transformer, sparse: SparseConfig, mode: str = "dense"):
+        if mode not in ATTENTION_MODES:
+            raise SpardaError(f"unknown attention mode {mode!r} (choose from {', '.join(ATTENTION_MODES)})")
+        self.config = model.config
+        self.sparse = sparse
+        self.mode = mode
+        self.dtype = model.dtype
+        self._graphdef, self._state = nnx.split(model)
+        self._compiled: dict[tuple, Callable] = {}
+
+    def _prefill_fn(self):
+        graphdef, mode, sparse = self._graphdef, self.mode, self.sparse
+
+        def prefill(state, tokens, cache, lengths, key, temperature, top_k, top_p):
+            model = nnx.merge(graphdef, state)
+            logits, cache = model(tokens, cache, mode=mode, sparse=sparse, lengths=lengths)
+            return sample(logits, key, temperature, top_k, top_p), cache
+
+        return jax.jit(prefill, donate_argnums=(2,))
+
+    def _decode_fn(self):
+        graphdef, mode, sparse = self._graphdef, self.mode, self.sparse
+
+        def decode(state, token, cache, key, temperature, top_k, top_p):
+            model = nnx.merge(graphdef, state)
+            logits, cache = model(token[:, None], cache, mode=mode, sparse=sparse)
+            return sample(logits, key, temperature, top_k, top_p), cache
+
+        return jax.jit(decode, donate_argnums=(2,))
+
+    def _compile(self, batch: int, prompt_len: int, max_len: int):
+        key = (batch, prompt_len, max_len)
+        if key not in self._compiled:
+            cache = jax.eval_shape(functools.partial(KVCache.create, self.config, self.sparse, batch, max_len,
+                                                     self.dtype))
+            scalars = SamplingConfig().as_arrays()
+            rng = jax.random.key(0)
+            tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+            lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+            prefill = self._prefill_fn().lower(self._state, tokens, cache, lengths, rng, *scalars).compile()
+            token = jax.ShapeDtypeStruct((batch,), jnp.int32)
+            decode = self._decode_fn().lower(self._state, token, cache, rng, *scalars).compile()
+            self._compiled[key] = (prefill, decode)
+        return self._compiled[key]
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len == 0:
+            raise SpardaError("the prompt is empty")
+        if max_new_tokens < 0:
+            raise SpardaError(f"max-new-tokens must be >= 0, got {max_new_tokens}")
+        total = prompt_len + max_new_tokens
+        if total > self.config.max_context:
+            raise SpardaError(f"prompt ({prompt_len} tokens) + max-new-tokens ({max_new_tokens}) = {total} exceeds "
+                              f"the model's context of {self.config.max_context} tokens")
+
+    def generate(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingConfig, seed: int = 0,
+                 stop_ids: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None) -> GenerationResult:
+        self.check_fits(len(prompt_ids), max_new_tokens)
+        bs = self.sparse.block_size
+        padded = _round_up(len(prompt_ids), bs)
+        # Buckets of 256 tokens keep recompiles rare across prompts of similar length.
+        max_len = _round_up(max(len(prompt_ids) + max_new_tokens, padded), 256)
+
+        t0 = time.perf_counter()
+        prefill, decode = self._compile(1, padded, max_len)
+        compile_s = time.perf_counter() - t0
+
+        tokens = jnp.zeros((1, padded), jnp.int32).at[0, : len(prompt_ids)].set(jnp.asarray(prompt_ids, jnp.int32))
+        cache = KVCache.create(self.config, self.sparse, 1, max_len, self.dtype)
+        scalars = sampling.as_arrays()
+        keys = jax.random.split(jax.random.key(seed), max(max_new_tokens, 1))
+        new_ids: list[int] = []
+        stop_reason = "length"
+        t0 = time.perf_counter()
+        prefill_s = decode_s = 0.0
+        if max_new_tokens > 0:
+            token, cache = prefill(self._state, tokens, cache, jnp.asarray([len(prompt_ids)], jnp.int32), keys[0],
+                                   *scalars)
+            token_id = int(token[0])
+            prefill_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for step in range(max_new_tokens):
+                if token_id in stop_ids:
+                    stop_reason = "eos"
+                    break
+                new_ids.append(token_id)
+                if on_token is not None:
+                    on_token(token_id)
+                if step + 1 == max_new_tokens:
+                    break
+                token, cache = decode(self._state, token, cache, keys[step + 1], *scalars)
+                token_id = int(token[0])
+            decode_s = time.perf_counter() - t0
+        return GenerationResult(list(prompt_ids), new_ids, stop_reason, compile_s, prefill_s, decode_s)
