@@ -392,7 +392,7 @@ def run_check():
       (3, 3, 3, 64, 17, 64, 9, "bfloat16"),
       (1, 2, 16, 128, 300, 64, 256, "bfloat16"),
       (2, 1, 1, 64, 8, 64, 12, "float32"),
-      (4, 8, 4, 128, 512, 64, 512, "bfloat16"),
+      (2, 8, 4, 128, 256, 64, 256, "bfloat16"),
   ]
   for (b, h, g, d, p, s, n, dt) in decode_cases:
     dtype = jnp.dtype(dt)

@@ -168,6 +168,16 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
+    def attention_inputs(self, x: jax.Array, positions: jax.Array, inv_freq: np.ndarray):
+        """x: [B, T, hidden] -> (h, q, k, v): h = RMSNorm_attn(x) feeds Q/K/V and the Forecast."""
+        h = self.attn_norm(x)
+        return (h, *self.attn.project(h, positions, inv_freq))
+
+    def finish(self, x: jax.Array, attn: jax.Array) -> jax.Array:
+        """Residual adds of the attention output (attn: [B, KV, G, T, D]) and of the MLP."""
+        x = x + self.attn.output(attn)
+        return x + self.mlp(self.ffn_norm(x))
+
 
 class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
@@ -218,8 +228,7 @@ class Transformer(nnx.Module):
         new_k, new_v, new_kc, captures = [], [], [], []
         selector_query = None  # Forecast of the previous layer (or layer 0's q_select), for mode 'sparda'
         for i, layer in enumerate(self.layers):
-            h = layer.attn_norm(x)
-            q, k, v = layer.attn.project(h, positions, inv_freq)
+            h, q, k, v = layer.attention_inputs(x, positions, inv_freq)
             if capture:
                 captures.append(LayerCapture(h, q, k))
             k_cache, v_cache, kc = _write_kv(cache.k[i], cache.v[i], cache.kc[i], k, v, start, decode, sparse)
@@ -253,8 +262,7 @@ class Transformer(nnx.Module):
                 attn = attn[:, :, :, None]
             else:
                 attn = sparse_prefill_attention(q, k_cache, v_cache, block_ids, kv_len, q_start=start[0])
-            x = x + layer.attn.output(attn)
-            x = x + layer.mlp(layer.ffn_norm(x))
+            x = layer.finish(x, attn)
             if mode == "sparda":
                 selector_query = layer.attn.selector_query(layer.attn.forecast, h, positions, inv_freq)
 
