@@ -1,0 +1,437 @@
+"""The SparDA inference engine: one engine, five modes (SPARDA.md §5).
+
+* `dense`, `sparse`, `sparda`: all KV on the GPU; these run the model's own jitted forward (`Transformer.__call__`).
+* `sparse-offload`: query selector; layer l's misses are fetched synchronously once layer l's query exists.
+* `sparda-offload`: Forecast selector; while layer l's attention and MLP run, layer l+1's misses move (prefetch).
+
+The offload modes drive the model layer by layer through `Block.attention_inputs` / `Block.finish` and the selection
+functions of `sparda_jax.selection` (the one implementation of the math). Per layer the device holds a slot pool
+[B, KV, cache_slots + 2, S, D] for K and for V (cache slots + two tail slots), and the compressed keys; the host
+holds everything (`HostKVStore`). `SlotMap` diffs each selection against the pool, so only misses move.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import copy
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infer.host_store import HostKVStore
+from infer.slots import Plan, SlotMap
+from infer.telemetry import LayerStats, StepStats
+from infer.transfer import HostGatherFetcher, ZeroCopyFetcher
+from pallas_kernels.sparse_decode import sparse_decode_attention
+from pallas_kernels.sparse_prefill import sparse_prefill_attention
+from sparda_jax import selection
+from sparda_jax.config import SparseConfig
+from sparda_jax.errors import SpardaError
+from sparda_jax.model import KVCache, Transformer, rope_frequencies
+
+ENGINE_MODES = ("dense", "sparse", "sparse-offload", "sparda", "sparda-offload")
+OFFLOAD_MODES = ("sparse-offload", "sparda-offload")
+TRANSFERS = ("host-gather", "zero-copy")
+
+# (layer, ids [B, KV, k] numpy, positions [B]) -> ids; benchmarks replace random-weight selections with it.
+SelectionOverride = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _decode_select(scores, positions, num_blocks, sparse: SparseConfig):
+    """scores [B, KV, 1, C] of one decode token -> block ids [B, KV, k] (as in `Transformer.__call__`)."""
+    token_scores = selection.block_scores(scores, num_blocks, sparse)
+    return selection.select_blocks(token_scores, (positions // sparse.block_size)[:, None, :], sparse)[:, :, 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
+def _front(graphdef, state, x, positions, kc_own, kc_next, selector: str, first: bool, num_blocks: int,
+           sparse: SparseConfig):
+    """Layer input -> q, k, v; this layer's own selection (query selector, or layer 0's q_select); and, for the
+    Forecast, the selection of the next layer (computed here, one layer early)."""
+    block = nnx.merge(graphdef, state)
+    inv_freq = rope_frequencies(block.attn.config)
+    h, q, k, v = block.attention_inputs(x, positions, inv_freq)
+    own = nxt = None
+    if selector == "sparse":
+        own = _decode_select(selection.query_selector_scores(q, kc_own, positions, sparse), positions, num_blocks,
+                             sparse)
+    else:
+        if first:
+            f0 = block.attn.selector_query(block.attn.q_select, h, positions, inv_freq)
+            own = _decode_select(selection.forecast_scores(f0, kc_own, positions, sparse), positions, num_blocks,
+                                 sparse)
+        if kc_next is not None:
+            f = block.attn.selector_query(block.attn.forecast, h, positions, inv_freq)
+            nxt = _decode_select(selection.forecast_scores(f, kc_next, positions, sparse), positions, num_blocks,
+                                 sparse)
+    return q, k, v, own, nxt
+
+
+@functools.partial(jax.jit, static_argnums=(0, 16), donate_argnums=(6, 7, 8))
+def _back(graphdef, state, x, q, k, v, pool_k, pool_v, kc, staged, dst_b, dst_g, dst_s, slot_ids, slot_lengths,
+          positions, sparse: SparseConfig):
+    """Scatter the fetched blocks into their slots, append the new token to its tail slot, refresh the compressed
+    key it completes, attend over the listed slots, then the residual + MLP."""
+    block = nnx.merge(graphdef, state)
+    b, kvh, pslots, s, d = pool_k.shape
+    cache_slots = pslots - 2
+    if staged is not None:
+        rows = staged.reshape(-1, 2, s, d).astype(pool_k.dtype)
+        pool_k = pool_k.at[dst_b, dst_g, dst_s].set(rows[:, 0], mode="drop")
+        pool_v = pool_v.at[dst_b, dst_g, dst_s].set(rows[:, 1], mode="drop")
+    pos = positions[:, 0]
+    tail = cache_slots + (pos // s) % 2
+    bi = jnp.arange(b)
+    pool_k = pool_k.at[bi, :, tail, pos % s].set(k[:, :, 0].astype(pool_k.dtype))
+    pool_v = pool_v.at[bi, :, tail, pos % s].set(v[:, :, 0].astype(pool_v.dtype))
+
+    def refresh(pk_b, kc_b, p):
+        # The compressed key completed by token p lies in the two newest blocks, i.e. in the tail slots.
+        b0 = jnp.maximum(p // s - 1, 0)
+        window = jnp.concatenate([pk_b[:, cache_slots + b0 % 2], pk_b[:, cache_slots + (b0 + 1) % 2]], axis=1)
+        index, value = selection.latest_compressed_key(window, p - b0 * s, sparse)
+        index = index + b0 * (s // sparse.compress_stride)
+        return jax.lax.dynamic_update_slice_in_dim(kc_b, value[:, None].astype(kc_b.dtype), index, axis=1)
+
+    kc = jax.vmap(refresh)(pool_k, kc, pos)
+    attn = sparse_decode_attention(q[:, :, :, 0], pool_k, pool_v, slot_ids, slot_lengths)
+    x = block.finish(x, attn[:, :, :, None])
+    return x, pool_k, pool_v, kc
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9, 10))
+def _prefill_layer_chunk(graphdef, state, x, positions, k_buf, v_buf, sel_q, kv_len, start, selector: str,
+                         sparse: SparseConfig):
+    """One prefill chunk of one layer against that layer's device KV buffer [B, KV, T, D] (as the model's prefill)."""
+    block = nnx.merge(graphdef, state)
+    inv_freq = rope_frequencies(block.attn.config)
+    bs = sparse.block_size
+    h, q, k, v = block.attention_inputs(x, positions, inv_freq)
+    k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, k.astype(k_buf.dtype), start, axis=2)
+    v_buf = jax.lax.dynamic_update_slice_in_dim(v_buf, v.astype(v_buf.dtype), start, axis=2)
+    kc = selection.compress_keys(k_buf, sparse)
+    if kc.shape[2] == 0:
+        kc = jnp.zeros((*k_buf.shape[:2], 1, k_buf.shape[3]), k_buf.dtype)
+    num_blocks = k_buf.shape[2] // bs
+    query_block = positions[:, ::bs] // bs
+    if selector == "sparse":
+        scores = selection.query_selector_scores(q, kc, positions, sparse)
+    else:
+        if sel_q is None:  # layer 0 selects its own blocks with q_select
+            sel_q = block.attn.selector_query(block.attn.q_select, h, positions, inv_freq)
+        scores = selection.forecast_scores(sel_q, kc, positions, sparse)
+    token_scores = selection.pool_query_blocks(selection.block_scores(scores, num_blocks, sparse), bs)
+    block_ids = selection.select_blocks(token_scores, query_block[:, None, :], sparse)
+    attn = sparse_prefill_attention(q, k_buf, v_buf, block_ids, kv_len, q_start=start)
+    x = block.finish(x, attn)
+    f = block.attn.selector_query(block.attn.forecast, h, positions, inv_freq) if selector == "sparda" else None
+    return x, k_buf, v_buf, f
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _embed(graphdef, state, tokens):
+    return nnx.merge(graphdef, state).embed[...][tokens]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _logits(graphdef, state, x):
+    return nnx.merge(graphdef, state).logits(x)
+
+
+def _split_top(model: Transformer):
+    """The model without its layers (embedding, final norm, head), so per-step calls do not flatten 32 layers."""
+    shell = copy.copy(model)  # shares the Variables; only the layer list differs
+    shell.layers = nnx.List([])
+    return nnx.split(shell)
+
+
+class OffloadEngine:
+    """Batched decode with the KV in host memory. `prefill` then `decode` repeatedly; `stats` holds telemetry.
+
+    cache_slots: device slots per (sequence, KV head) besides the two tail slots; default top_k (the paper's pool);
+    more slots make an LRU block cache. transfer: 'host-gather' (prefetch thread + staging + device_put) or
+    'zero-copy' (Pallas kernel reading pinned host memory).
+    """
+
+    def __init__(self, model: Transformer, sparse: SparseConfig, *, mode: str, batch: int, max_len: int,
+                 cache_slots: int | None = None, transfer: str = "host-gather", host_memory_gb: float | None = None,
+                 gather_threads: int = 8, prefill_chunk: int = 1024, staging: str = "auto",
+                 selection_override: SelectionOverride | None = None, pin: bool | None = None):
+        if mode not in OFFLOAD_MODES:
+            raise SpardaError(f"OffloadEngine mode must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
+        if transfer not in TRANSFERS:
+            raise SpardaError(f"unknown transfer path {transfer!r} (choose from {', '.join(TRANSFERS)})")
+        bs = sparse.block_size
+        if sparse.compress_kernel > bs:
+            raise SpardaError("the offload engine needs compress_kernel <= block_size")
+        if max_len % bs:
+            raise SpardaError(f"max_len {max_len} must be a multiple of the block size {bs}")
+        self.config = c = model.config
+        self.sparse, self.mode, self.batch, self.max_len = sparse, mode, batch, max_len
+        self.selector = "sparse" if mode == "sparse-offload" else "sparda"
+        self.cache_slots = max(cache_slots or sparse.top_k_blocks, sparse.top_k_blocks)
+        self.prefill_chunk = max(bs, prefill_chunk // bs * bs)
+        self.dtype = model.dtype
+        self.num_blocks = max_len // bs
+        self.selection_override = selection_override
+        # Budget check first: nothing is allocated when the KV cannot fit.
+        self.store = HostKVStore(c.num_layers, batch, c.num_kv_heads, max_len, bs, c.head_dim, model.dtype,
+                                 host_memory_gb=host_memory_gb, pin=pin)
+        self.layers = [nnx.split(layer) for layer in model.layers]
+        self.top = _split_top(model)
+        self.maps = [SlotMap(batch, c.num_kv_heads, self.num_blocks, self.cache_slots, bs) for _ in range(c.num_layers)]
+        pool_shape = (batch, c.num_kv_heads, self.cache_slots + 2, bs, c.head_dim)
+        self.pool_k = [jnp.zeros(pool_shape, self.dtype) for _ in range(c.num_layers)]
+        self.pool_v = [jnp.zeros(pool_shape, self.dtype) for _ in range(c.num_layers)]
+        self.c_max = max(selection.num_compressed_keys(max_len, sparse), 1)
+        kc_shape = (batch, c.num_kv_heads, self.c_max, c.head_dim)
+        self.kc = [jnp.zeros(kc_shape, self.dtype) for _ in range(c.num_layers)]
+        self.lengths = np.zeros(batch, np.int64)
+        max_rows = batch * c.num_kv_heads * sparse.top_k_blocks
+        self.transfer = transfer
+        self.fetcher = (HostGatherFetcher(self.store, max_rows, threads=gather_threads, staging=staging)
+                        if transfer == "host-gather" else ZeroCopyFetcher(self.store))
+        self.stats: list[StepStats] = []
+        self._steps = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.fetcher.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------------------------------------ prefill
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> jax.Array:
+        """tokens [B, T] (T a multiple of the block size, right-padded), lengths [B] real tokens.
+        Chunked, layer by layer; each layer's KV goes to the host store. Returns logits [B, V] at the last real
+        token."""
+        tokens = np.asarray(tokens, np.int32)
+        b, t = tokens.shape
+        bs, c = self.sparse.block_size, self.config
+        if b != self.batch or t % bs or t > self.max_len:
+            raise SpardaError(f"prefill tokens {tokens.shape} do not fit batch {self.batch}, block {bs}, "
+                              f"context {self.max_len}")
+        lengths = np.full(b, t, np.int64) if lengths is None else np.asarray(lengths, np.int64)
+        t0 = time.perf_counter()
+        for m in self.maps:
+            m.reset()
+        chunk = min(self.prefill_chunk, t)
+        starts = list(range(0, t, chunk))
+        xs = [_embed(*self.top, jnp.asarray(tokens[:, s0:s0 + chunk])) for s0 in starts]
+        pos = [jnp.asarray(np.broadcast_to(np.arange(s0, min(s0 + chunk, t), dtype=np.int32), (b, min(chunk, t - s0))))
+               for s0 in starts]
+        kv_len = jnp.asarray(lengths.astype(np.int32))
+        sel = [None] * len(starts)
+        writes: list[cf.Future] = []
+        with cf.ThreadPoolExecutor(1, thread_name_prefix="sparda-kv-writer") as writer:
+            for layer, (gd, st) in enumerate(self.layers):
+                shape = (b, c.num_kv_heads, t, c.head_dim)
+                k_buf, v_buf = jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+                for i, s0 in enumerate(starts):
+                    xs[i], k_buf, v_buf, sel[i] = _prefill_layer_chunk(
+                        gd, st, xs[i], pos[i], k_buf, v_buf, sel[i], kv_len, jnp.int32(s0), self.selector,
+                        self.sparse)
+                kc = selection.compress_keys(k_buf, self.sparse)
+                self.kc[layer] = jnp.zeros_like(self.kc[layer]).at[:, :, :kc.shape[2]].set(kc[:, :, :self.c_max])
+                writes.append(writer.submit(self._write_layer, layer, k_buf, v_buf))
+            for w in writes:
+                w.result()
+        self.lengths = lengths.copy()
+        self._load_tails(range(b))
+        last = jnp.asarray(lengths - 1)
+        x_last = jnp.concatenate(xs, axis=1)[jnp.arange(b), last]
+        logits = _logits(*self.top, x_last)
+        logits.block_until_ready()
+        self.stats.append(StepStats(self._steps, "prefill", time.perf_counter() - t0))
+        self._steps += 1
+        return logits
+
+    def _write_layer(self, layer: int, k_buf: jax.Array, v_buf: jax.Array) -> None:
+        self.store.write_tokens(layer, np.asarray(k_buf), np.asarray(v_buf), 0)
+
+    def _load_tails(self, seqs) -> None:
+        """Fill each sequence's two tail slots (blocks cur-1 and cur) from the host store, all layers."""
+        s = self.sparse.block_size
+        for layer in range(self.config.num_layers):
+            host = self.store.layer(layer)
+            tails = np.zeros((self.batch, self.config.num_kv_heads, 2, 2, s, self.config.head_dim), self.store.dtype)
+            for b in seqs:
+                cur = int(self.lengths[b]) // s
+                for j in (cur - 1, cur):
+                    if 0 <= j < self.num_blocks:
+                        tails[b, :, j % 2] = host[b, :, j]
+            tails = jnp.asarray(tails)
+            self.pool_k[layer] = self.pool_k[layer].at[:, :, self.cache_slots:].set(tails[:, :, :, 0])
+            self.pool_v[layer] = self.pool_v[layer].at[:, :, self.cache_slots:].set(tails[:, :, :, 1])
+
+    # ------------------------------------------------------------------------------------------------ decode
+    def _ids(self, ids: jax.Array, layer: int, positions: np.ndarray) -> np.ndarray:
+        out = np.asarray(ids)
+        if self.selection_override is not None:
+            out = np.asarray(self.selection_override(layer, out, positions), np.int32)
+        return out
+
+    def _plan_rows(self, layer: int, ids: np.ndarray, positions: np.ndarray):
+        plan = self.maps[layer].plan(ids, positions)
+        rows = self.store.row_ids(plan.miss_b, plan.miss_kv, plan.miss_block)
+        return plan, rows
+
+    def _device_plan(self, plan: Plan, staged):
+        m = plan.misses
+        mp = 0 if staged is None else staged.shape[0]
+        dst = np.zeros((3, mp), np.int32)
+        dst[0] = self.batch  # padding rows land out of range and are dropped
+        dst[0, :m], dst[1, :m], dst[2, :m] = plan.miss_b, plan.miss_kv, plan.miss_slot
+        return jnp.asarray(dst[0]), jnp.asarray(dst[1]), jnp.asarray(dst[2])
+
+    def decode(self, tokens: np.ndarray) -> jax.Array:
+        """One token per sequence, appended at each sequence's own length. Returns logits [B, V]."""
+        if self._closed:
+            raise SpardaError("the engine is closed")
+        tokens = np.asarray(tokens, np.int32).reshape(self.batch)
+        positions_np = self.lengths.copy()
+        if int(positions_np.max()) >= self.max_len:
+            raise SpardaError(f"context {self.max_len} is full")
+        t0 = time.perf_counter()
+        positions = jnp.asarray(positions_np[:, None].astype(np.int32))
+        x = _embed(*self.top, jnp.asarray(tokens[:, None]))
+        num_layers = self.config.num_layers
+        step = StepStats(self._steps, "decode")
+        pending = None
+        for layer, (gd, st) in enumerate(self.layers):
+            kc_next = self.kc[layer + 1] if self.selector == "sparda" and layer + 1 < num_layers else None
+            q, k, v, own, nxt = _front(gd, st, x, positions, self.kc[layer], kc_next, self.selector, layer == 0,
+                                       self.num_blocks, self.sparse)
+            ls = LayerStats(layer)
+            tw = time.perf_counter()
+            if own is not None:  # selection known only now: fetch synchronously
+                plan, rows = self._plan_rows(layer, self._ids(own, layer, positions_np), positions_np)
+                staged, rec = self.fetcher.fetch(layer, rows)
+            else:
+                plan, future = pending
+                staged, rec = future.result()  # re-raises a prefetch failure here, in the caller's thread
+            ls.wait_s = time.perf_counter() - tw
+            ls.hits, ls.tail_hits, ls.misses = plan.hits, plan.tail_hits, plan.misses
+            ls.bytes, ls.gather_s, ls.copy_s = rec.bytes, rec.gather_s, rec.copy_s
+            step.layers.append(ls)
+            dst_b, dst_g, dst_s = self._device_plan(plan, staged)
+            x, self.pool_k[layer], self.pool_v[layer], self.kc[layer] = _back(
+                gd, st, x, q, k, v, self.pool_k[layer], self.pool_v[layer], self.kc[layer], staged, dst_b, dst_g,
+                dst_s, jnp.asarray(plan.slot_ids), jnp.asarray(plan.slot_lengths), positions, self.sparse)
+            if nxt is not None:  # Forecast: layer+1's misses start moving now, while this layer computes
+                plan_n, rows_n = self._plan_rows(layer + 1, self._ids(nxt, layer + 1, positions_np), positions_np)
+                pending = (plan_n, self.fetcher.submit(layer + 1, rows_n))
+        logits = _logits(*self.top, x[:, 0])
+        logits.block_until_ready()
+        self.lengths = positions_np + 1
+        self._flush_completed(positions_np)
+        step.seconds = time.perf_counter() - t0
+        self.stats.append(step)
+        self._steps += 1
+        return logits
+
+    def _flush_completed(self, positions: np.ndarray) -> None:
+        """A block completed by this step moves to the host store before its tail slot is reused."""
+        s = self.sparse.block_size
+        for b in np.nonzero(positions % s == s - 1)[0]:
+            blk = int(positions[b]) // s
+            slot = self.cache_slots + blk % 2
+            ks = np.asarray(_tail_rows(self.pool_k, int(b), slot))
+            vs = np.asarray(_tail_rows(self.pool_v, int(b), slot))
+            self.store.data[:, b, :, blk, 0] = ks
+            self.store.data[:, b, :, blk, 1] = vs
+
+    # ------------------------------------------------------------------------------------------------ benchmarks
+    def fill_synthetic(self, length: int, seed: int = 0) -> None:
+        """Benchmarks: pretend `length` tokens were prefilled (non-zero pseudo-random KV, no model run)."""
+        rng = np.random.default_rng(seed)
+        pattern = rng.standard_normal((self.store.row_elems * 64,)).astype(np.float32).astype(self.store.dtype)
+        flat = self.store.data.reshape(-1)
+        n = pattern.shape[0]
+        for i in range(0, flat.shape[0], n):
+            flat[i:i + n] = pattern[:min(n, flat.shape[0] - i)]
+        key = jax.random.key(seed)
+        for layer in range(self.config.num_layers):
+            self.kc[layer] = jax.random.normal(jax.random.fold_in(key, layer), self.kc[layer].shape, self.dtype)
+            self.maps[layer].reset()
+        self.lengths = np.full(self.batch, length, np.int64)
+        self._load_tails(range(self.batch))
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _tail_rows(pools, b, slot: int):
+    """[L, KV, S, D]: one tail slot of sequence b in every layer's pool."""
+    return jnp.stack([p[b, :, slot] for p in pools])
+
+
+class ResidentEngine:
+    """`dense`, `sparse`, `sparda`: the whole KV on the GPU, through `Transformer.__call__` (jitted)."""
+
+    def __init__(self, model: Transformer, sparse: SparseConfig, *, mode: str, batch: int, max_len: int):
+        if mode not in ("dense", "sparse", "sparda"):
+            raise SpardaError(f"ResidentEngine mode must be dense, sparse or sparda, got {mode!r}")
+        self.config, self.sparse, self.mode, self.batch, self.max_len = model.config, sparse, mode, batch, max_len
+        self.dtype = model.dtype
+        self._graphdef, self._state = nnx.split(model)
+        self.cache = KVCache.create(model.config, sparse, batch, max_len, model.dtype)
+        gd = self._graphdef
+
+        def run(state, tokens, cache, lengths):
+            return nnx.merge(gd, state)(tokens, cache, mode=mode, sparse=sparse, lengths=lengths)
+
+        self._run = jax.jit(run, donate_argnums=(2,))
+        self.stats: list[StepStats] = []
+        self._steps = 0
+
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> jax.Array:
+        tokens = np.asarray(tokens, np.int32)
+        lengths = np.full(tokens.shape[0], tokens.shape[1]) if lengths is None else np.asarray(lengths)
+        return self._timed("prefill", tokens, lengths.astype(np.int32))
+
+    def decode(self, tokens: np.ndarray) -> jax.Array:
+        return self._timed("decode", np.asarray(tokens, np.int32).reshape(self.batch, 1), None)
+
+    def _timed(self, kind, tokens, lengths):
+        t0 = time.perf_counter()
+        logits, self.cache = self._run(self._state, jnp.asarray(tokens), self.cache,
+                                       None if lengths is None else jnp.asarray(lengths))
+        logits.block_until_ready()
+        self.stats.append(StepStats(self._steps, kind, time.perf_counter() - t0))
+        self._steps += 1
+        return logits
+
+    def fill_synthetic(self, length: int, seed: int = 0) -> None:
+        key = jax.random.key(seed)
+        c = self.cache
+        rnd = lambda i, x: jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)  # noqa: E731
+        self.cache = KVCache([rnd(i, x) for i, x in enumerate(c.k)], [rnd(100 + i, x) for i, x in enumerate(c.v)],
+                             [rnd(200 + i, x) for i, x in enumerate(c.kc)], jnp.full_like(c.lengths, length))
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_engine(model: Transformer, sparse: SparseConfig, mode: str, *, batch: int, max_len: int, **kwargs: Any):
+    if mode not in ENGINE_MODES:
+        raise SpardaError(f"unknown engine mode {mode!r} (choose from {', '.join(ENGINE_MODES)})")
+    if mode in OFFLOAD_MODES:
+        return OffloadEngine(model, sparse, mode=mode, batch=batch, max_len=max_len, **kwargs)
+    return ResidentEngine(model, sparse, mode=mode, batch=batch, max_len=max_len)

@@ -1,0 +1,40 @@
+"""Per step and per layer counters of the offload engine."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class LayerStats:
+    layer: int
+    hits: int = 0  # selected blocks already in a cache slot
+    tail_hits: int = 0  # selected blocks in the two device-written tail slots
+    misses: int = 0  # selected blocks copied from the host
+    bytes: int = 0  # bytes moved host -> device
+    gather_s: float = 0.0
+    copy_s: float = 0.0  # gather + transfer, until the data is on the device
+    wait_s: float = 0.0  # time the compute (main) thread waited for this layer's copy
+
+
+@dataclasses.dataclass
+class StepStats:
+    step: int
+    kind: str  # "prefill" or "decode"
+    seconds: float = 0.0
+    layers: list[LayerStats] = dataclasses.field(default_factory=list)
+
+    def total(self, name: str) -> float:
+        return sum(getattr(s, name) for s in self.layers)
+
+    @property
+    def hit_rate(self) -> float:
+        """Fraction of non-tail selected blocks that were already resident."""
+        h, m = self.total("hits"), self.total("misses")
+        return h / (h + m) if h + m else 1.0
+
+    def summary(self) -> dict:
+        return {"step": self.step, "kind": self.kind, "seconds": self.seconds, "hits": int(self.total("hits")),
+                "tail_hits": int(self.total("tail_hits")), "misses": int(self.total("misses")),
+                "bytes": int(self.total("bytes")), "copy_s": self.total("copy_s"), "wait_s": self.total("wait_s"),
+                "hit_rate": self.hit_rate}

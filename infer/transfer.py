@@ -1,0 +1,221 @@
+"""Two ways to move missed KV blocks from the host store into device memory.
+
+* `HostGatherFetcher` (path a): worker threads gather the missed rows into a pinned staging buffer (numpy `take`,
+  split over threads because one thread gathers only a few GB/s), then one `jax.device_put` moves them over PCIe on a
+  copy engine, which overlaps the compute stream. `submit` runs it on the prefetch thread.
+* `ZeroCopyFetcher` (path b): a Pallas kernel reads the missed rows straight out of the `pinned_host` jax array that
+  aliases the store (zero-copy over PCIe). It runs on the compute stream, so it needs no thread and no host gather.
+
+Both return [Mpad, 2*S*D] device arrays whose first M rows are the requested rows (Mpad a power of two >= 16, so a
+few shapes cover every miss count), plus a `CopyRecord`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import ctypes
+import dataclasses
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from infer.host_store import HostKVStore
+
+
+def bucket(m: int) -> int:
+    return max(16, 1 << max(m - 1, 0).bit_length())
+
+
+@dataclasses.dataclass
+class CopyRecord:
+    rows: int = 0
+    bytes: int = 0
+    gather_s: float = 0.0  # host gather into staging
+    copy_s: float = 0.0  # gather + host->device until the data is on the device (path a); dispatch only (path b)
+
+
+class HostGatherFetcher:
+    """Path (a). `fetch` is synchronous (the caller's thread); `submit` runs it on the prefetch thread."""
+
+    name = "host-gather"
+
+    def __init__(self, store: HostKVStore, max_rows: int, *, threads: int = 8, staging: str = "auto"):
+        self.store = store
+        self.device = jax.devices()[0]
+        self.on_gpu = self.device.platform == "gpu"
+        self.threads = max(1, threads)
+        self._gather_pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="sparda-gather")
+        self._prefetch = cf.ThreadPoolExecutor(1, thread_name_prefix="sparda-prefetch")
+        self.max_rows = bucket(max_rows)
+        self.staging_kind = self._pick_staging(staging)
+        self._buffers: dict[int, list] = {}  # bucket -> ring of (numpy view, jax array or None)
+        self._ring: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def _pick_staging(self, staging: str) -> str:
+        if not self.on_gpu:
+            return "numpy"
+        if staging != "auto":
+            return staging
+        return "jax_pinned"
+
+    def _alloc(self, rows: int):
+        shape = (rows, self.store.row_elems)
+        dtype = self.store.dtype
+        if self.staging_kind == "jax_pinned":
+            # A pinned_host jax array, written in place through its address (we own it; jax never reads it
+            # concurrently with our writes because each ring entry is reused only after its copy completed).
+            sharding = jax.sharding.SingleDeviceSharding(self.device, memory_kind="pinned_host")
+            arr = jax.device_put(np.zeros(shape, dtype), sharding)
+            arr.block_until_ready()
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            raw = (ctypes.c_uint8 * nbytes).from_address(arr.unsafe_buffer_pointer())
+            return np.frombuffer(raw, dtype=dtype).reshape(shape), arr
+        if self.staging_kind == "torch":
+            import torch
+
+            t = torch.empty(int(np.prod(shape)), dtype=torch.int16, pin_memory=True)
+            return t.numpy().view(dtype).reshape(shape), t
+        return np.empty(shape, dtype), None
+
+    def _staging(self, rows: int):
+        with self._lock:
+            if rows not in self._buffers:
+                self._buffers[rows] = [self._alloc(rows) for _ in range(2)]
+                self._ring[rows] = 0
+            i = self._ring[rows]
+            self._ring[rows] = (i + 1) % 2
+            return self._buffers[rows][i]
+
+    def _gather(self, layer: int, rows: np.ndarray, out: np.ndarray) -> None:
+        src = self.store.flat(layer)
+        n = rows.shape[0]
+        if n == 0:
+            return
+        parts = min(self.threads, max(1, n // 8))
+        if parts == 1:
+            np.take(src, rows, axis=0, out=out[:n])
+            return
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        futures = [self._gather_pool.submit(np.take, src, rows[a:b], 0, out[a:b])
+                   for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        for f in futures:
+            f.result()
+
+    def fetch(self, layer: int, rows: np.ndarray):
+        rec = CopyRecord(rows=int(rows.shape[0]), bytes=int(rows.shape[0]) * self.store.row_elems
+                         * self.store.dtype.itemsize)
+        if rec.rows == 0:
+            return None, rec
+        t0 = time.perf_counter()
+        m = bucket(rec.rows)
+        view, handle = self._staging(m)
+        self._gather(layer, rows, view)
+        if m > rec.rows:
+            view[rec.rows:m] = 0
+        rec.gather_s = time.perf_counter() - t0
+        if self.staging_kind == "jax_pinned":
+            out = jax.device_put(handle, jax.sharding.SingleDeviceSharding(self.device, memory_kind="device"))
+        elif self.staging_kind == "torch":
+            x = jax.dlpack.from_dlpack(handle)
+            out = jax.device_put(x, jax.sharding.SingleDeviceSharding(self.device, memory_kind="device"))
+            out = out.reshape(m, self.store.row_elems)
+        else:
+            out = jnp.array(view, copy=True)
+        out.block_until_ready()
+        rec.copy_s = time.perf_counter() - t0
+        return out, rec
+
+    def submit(self, layer: int, rows: np.ndarray) -> cf.Future:
+        if self.closed:
+            raise RuntimeError("fetcher is closed")
+        return self._prefetch.submit(self.fetch, layer, rows)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._prefetch.shutdown(wait=True, cancel_futures=True)
+            self._gather_pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------ zero-copy (path b)
+
+
+def _gather_rows_kernel(ids_ref, src_ref, out_ref, *, width: int):
+    j = pl.program_id(1)
+    row = ids_ref[0]
+    if jax.default_backend() == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+
+        cols = j * width + jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
+        rows = jnp.broadcast_to(row, (1, width))
+        out_ref[...] = pltriton.load(src_ref.at[rows, cols])
+    else:
+        out_ref[...] = src_ref[pl.ds(row, 1), pl.ds(j * width, width)]
+
+
+def gather_rows(src: jax.Array, ids: jax.Array, *, width: int = 2048, interpret: bool = False) -> jax.Array:
+    """out[i] = src[ids[i]] for src [N, R] (R a multiple of `width`), ids [M] int32; one program per row piece."""
+    n, r = src.shape
+    m = ids.shape[0]
+    width = min(width, r)
+    import functools
+
+    return pl.pallas_call(
+        functools.partial(_gather_rows_kernel, width=width),
+        grid=(m, r // width),
+        in_specs=[pl.BlockSpec((1,), lambda i, j: (i,)), pl.BlockSpec((n, r), lambda i, j: (0, 0))],
+        out_specs=pl.BlockSpec((1, width), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((m, r), src.dtype),
+        interpret=interpret,
+        name="sparda_gather_rows",
+    )(ids, src)
+
+
+class ZeroCopyFetcher:
+    """Path (b): the store's layers as `pinned_host` jax arrays (DLPack from the pinned torch tensor, no copy)."""
+
+    name = "zero-copy"
+
+    def __init__(self, store: HostKVStore):
+        self.store = store
+        self.on_gpu = jax.default_backend() == "gpu"
+        self._host = []
+        if self.on_gpu:
+            if store.torch_layer(0) is None:
+                raise RuntimeError("the zero-copy path needs the host store in pinned (torch) memory")
+            for layer in range(store.num_layers):
+                t = store.torch_layer(layer)
+                x = jax.dlpack.from_dlpack(t)
+                self._host.append(x.view(jnp.dtype(store.dtype)).reshape(-1, store.row_elems))
+        self._fn = jax.jit(lambda src, ids: gather_rows(src, ids, interpret=not self.on_gpu))
+        self.closed = False
+
+    def fetch(self, layer: int, rows: np.ndarray):
+        rec = CopyRecord(rows=int(rows.shape[0]), bytes=int(rows.shape[0]) * self.store.row_elems
+                         * self.store.dtype.itemsize)
+        if rec.rows == 0:
+            return None, rec
+        t0 = time.perf_counter()
+        ids = np.zeros(bucket(rec.rows), np.int32)
+        ids[:rec.rows] = rows
+        src = self._host[layer] if self.on_gpu else jnp.asarray(self.store.flat(layer))
+        out = self._fn(src, jnp.asarray(ids))
+        rec.copy_s = time.perf_counter() - t0
+        return out, rec
+
+    def submit(self, layer: int, rows: np.ndarray) -> cf.Future:
+        f: cf.Future = cf.Future()
+        try:
+            f.set_result(self.fetch(layer, rows))
+        except Exception as e:  # the caller sees it at .result(), like the threaded path
+            f.set_exception(e)
+        return f
+
+    def close(self) -> None:
+        self.closed = True
