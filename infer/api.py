@@ -28,6 +28,8 @@ class EngineResult:
     prefill_s: float
     decode_s: float
     stats: list  # StepStats
+    compile_s: float = 0.0  # compiles happen inside the first steps
+    prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -76,4 +78,4 @@ def generate(model: Transformer, sparse: SparseConfig, mode: str, prompt_ids: li
                 token_id = int(_sample(logits, keys[step + 1], *scalars)[0])
             decode_s = time.perf_counter() - t0
         stats = list(engine.stats)
-    return EngineResult(new_ids, stop_reason, prefill_s, decode_s, stats)
+    return EngineResult(new_ids, stop_reason, prefill_s, decode_s, stats, prompt_token_ids=list(prompt_ids))

@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forecast", help="Forecast checkpoint directory (train.forecast output) for --attention sparda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--json", action="store_true", help="end stdout with one JSON object describing the run")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the KV in host memory (infer/ engine; --attention sparse or sparda)")
+    p.add_argument("--stats", action="store_true", help="with --offload: per-step hits, misses, bytes, copy/wait time "
+                   "on stderr (and in --json)")
+    p.add_argument("--host-memory-gb", type=float, help="with --offload: host memory budget for the KV store")
     return p
 
 
@@ -66,6 +71,12 @@ def _validate(args) -> SparseConfig:
         raise SpardaError(f"Forecast checkpoint not found: {args.forecast}")
     if args.forecast is not None and args.attention != "sparda":
         raise SpardaError("--forecast only applies to --attention sparda")
+    if args.offload and args.attention not in ("sparse", "sparda"):
+        raise SpardaError("--offload needs --attention sparse or sparda")
+    if (args.stats or args.host_memory_gb is not None) and not args.offload:
+        raise SpardaError("--stats and --host-memory-gb apply only with --offload")
+    if args.host_memory_gb is not None and not args.host_memory_gb > 0:
+        raise SpardaError(f"--host-memory-gb must be > 0, got {args.host_memory_gb}")
     if args.model is not None and not Path(args.model).exists():
         raise SpardaError(f"model path does not exist: {args.model}")
     return SparseConfig(top_k_blocks=args.top_k_blocks, local_blocks=args.local_blocks)
@@ -101,6 +112,8 @@ def run(argv: list[str] | None = None) -> int:
             forecast_checkpoint.load_forecast(model, forecast_dir)
     generator = Generator(model, sparse, mode=args.attention)
     generator.check_fits(len(prompt_ids), args.max_new_tokens)
+    if args.offload:
+        from infer.api import generate as engine_generate
 
     streamed: list[int] = []
     printed = ""
@@ -116,11 +129,23 @@ def run(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         printed = text
 
-    result = generator.generate(prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-                                stop_ids=tokenizer.eos_ids, on_token=on_token)
+    if args.offload:
+        result = engine_generate(model, sparse, args.attention + "-offload", prompt_ids,
+                                 max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                                 stop_ids=tokenizer.eos_ids, on_token=on_token, host_memory_gb=args.host_memory_gb)
+    else:
+        result = generator.generate(prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                    seed=args.seed, stop_ids=tokenizer.eos_ids, on_token=on_token)
     text = tokenizer.decode(result.token_ids)
     sys.stdout.write(text[len(printed):] + "\n")
-    print(f"[{args.attention}] prompt {len(prompt_ids)} tokens, compile {result.compile_s:.2f} s, "
+    step_stats = [s.summary() for s in result.stats] if args.offload and args.stats else None
+    if step_stats is not None:
+        for s in step_stats:
+            print(f"[stats] step {s['step']} {s['kind']}: {s['seconds'] * 1e3:.1f} ms, hits {s['hits']}, "
+                  f"tail {s['tail_hits']}, misses {s['misses']}, {s['bytes'] / 1e6:.3f} MB, "
+                  f"copy {s['copy_s'] * 1e3:.2f} ms, waited {s['wait_s'] * 1e3:.2f} ms", file=sys.stderr)
+    mode_name = args.attention + ("-offload" if args.offload else "")
+    print(f"[{mode_name}] prompt {len(prompt_ids)} tokens, compile {result.compile_s:.2f} s, "
           f"prefill {result.prefill_s:.3f} s, decode {result.decode_tokens_per_s:.1f} tok/s "
           f"({len(result.token_ids)} new tokens, stop: {result.stop_reason})", file=sys.stderr)
     if args.json:
@@ -134,6 +159,8 @@ def run(argv: list[str] | None = None) -> int:
             "stop_reason": result.stop_reason,
             "attention": args.attention,
             "model": str(checkpoint.path),
+            **({"offload": True} if args.offload else {}),
+            **({"stats": step_stats} if step_stats is not None else {}),
         }))
     return 0
 
