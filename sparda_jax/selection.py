@@ -102,7 +102,7 @@ def select_blocks(scores: jax.Array, query_block: jax.Array, cfg: SparseConfig) 
     """Top-k blocks per query: forced sink + local window, never a block after the query's own.
 
     scores: [..., NB] block scores; query_block: [...] index of the block holding the query (int32).
-    Returns [..., top_k_blocks] int32 block ids, best first, -1 where fewer blocks exist.
+    Returns [..., min(top_k_blocks, NB)] int32 block ids, best first, -1 where fewer blocks are visible.
     """
     num_blocks = scores.shape[-1]
     blocks = jnp.arange(num_blocks)
@@ -111,10 +111,7 @@ def select_blocks(scores: jax.Array, query_block: jax.Array, cfg: SparseConfig) 
     forced = visible & ((blocks == 0) | (blocks >= current - cfg.local_blocks))
     # Visible blocks rank above invisible ones even when no compressed key scored them.
     ranked = jnp.where(forced, jnp.inf, jnp.where(visible, jnp.maximum(scores, _LOWEST), -jnp.inf))
-    k = cfg.top_k_blocks
-    if k > num_blocks:
-        ranked = jnp.pad(ranked, [(0, 0)] * (ranked.ndim - 1) + [(0, k - num_blocks)], constant_values=-jnp.inf)
-    top_scores, ids = jax.lax.top_k(ranked, k)
+    top_scores, ids = jax.lax.top_k(ranked, min(cfg.top_k_blocks, num_blocks))
     return jnp.where(top_scores > -jnp.inf, ids, -1).astype(jnp.int32)
 
 
