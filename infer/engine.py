@@ -72,18 +72,24 @@ def _front(graphdef, state, x, positions, kc_own, kc_next, selector: str, first:
     return q, k, v, own, nxt
 
 
-@functools.partial(jax.jit, static_argnums=(0, 16), donate_argnums=(6, 7, 8))
-def _back(graphdef, state, x, q, k, v, pool_k, pool_v, kc, staged, dst_b, dst_g, dst_s, slot_ids, slot_lengths,
-          positions, sparse: SparseConfig):
-    """Scatter the fetched blocks into their slots, append the new token to its tail slot, refresh the compressed
-    key it completes, attend over the listed slots, then the residual + MLP."""
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _scatter(pool_k, pool_v, staged, dst_b, dst_g, dst_s):
+    """Fetched rows [M, 2*S*D] into their slots; padding rows (dst_b out of range) are dropped. Its own small jit,
+    so each miss-count bucket recompiles only this."""
+    _, _, _, s, d = pool_k.shape
+    rows = staged.reshape(-1, 2, s, d).astype(pool_k.dtype)
+    pool_k = pool_k.at[dst_b, dst_g, dst_s].set(rows[:, 0], mode="drop")
+    pool_v = pool_v.at[dst_b, dst_g, dst_s].set(rows[:, 1], mode="drop")
+    return pool_k, pool_v
+
+
+@functools.partial(jax.jit, static_argnums=(0, 12), donate_argnums=(6, 7, 8))
+def _back(graphdef, state, x, q, k, v, pool_k, pool_v, kc, slot_ids, slot_lengths, positions, sparse: SparseConfig):
+    """Append the new token to its tail slot, refresh the compressed key it completes, attend over the listed
+    slots, then the residual + MLP."""
     block = nnx.merge(graphdef, state)
     b, kvh, pslots, s, d = pool_k.shape
     cache_slots = pslots - 2
-    if staged is not None:
-        rows = staged.reshape(-1, 2, s, d).astype(pool_k.dtype)
-        pool_k = pool_k.at[dst_b, dst_g, dst_s].set(rows[:, 0], mode="drop")
-        pool_v = pool_v.at[dst_b, dst_g, dst_s].set(rows[:, 1], mode="drop")
     pos = positions[:, 0]
     tail = cache_slots + (pos // s) % 2
     bi = jnp.arange(b)
@@ -161,7 +167,8 @@ class OffloadEngine:
     def __init__(self, model: Transformer, sparse: SparseConfig, *, mode: str, batch: int, max_len: int,
                  cache_slots: int | None = None, transfer: str = "host-gather", host_memory_gb: float | None = None,
                  gather_threads: int = 8, prefill_chunk: int = 1024, staging: str = "auto",
-                 selection_override: SelectionOverride | None = None, pin: bool | None = None):
+                 selection_override: SelectionOverride | None = None, pin: bool | None = None,
+                 store: HostKVStore | None = None):
         if mode not in OFFLOAD_MODES:
             raise SpardaError(f"OffloadEngine mode must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
         if transfer not in TRANSFERS:
@@ -180,8 +187,13 @@ class OffloadEngine:
         self.num_blocks = max_len // bs
         self.selection_override = selection_override
         # Budget check first: nothing is allocated when the KV cannot fit.
-        self.store = HostKVStore(c.num_layers, batch, c.num_kv_heads, max_len, bs, c.head_dim, model.dtype,
-                                 host_memory_gb=host_memory_gb, pin=pin)
+        if store is not None:  # benchmarks: a view of a larger, already filled store
+            if store.num_blocks != max_len // bs or store.num_layers != c.num_layers:
+                raise SpardaError("the given host store does not match the engine's shape")
+            self.store = store.view(batch)
+        else:
+            self.store = HostKVStore(c.num_layers, batch, c.num_kv_heads, max_len, bs, c.head_dim, model.dtype,
+                                     host_memory_gb=host_memory_gb, pin=pin)
         self.layers = [nnx.split(layer) for layer in model.layers]
         self.top = _split_top(model)
         self.maps = [SlotMap(batch, c.num_kv_heads, self.num_blocks, self.cache_slots, bs) for _ in range(c.num_layers)]
@@ -326,10 +338,12 @@ class OffloadEngine:
             ls.hits, ls.tail_hits, ls.misses = plan.hits, plan.tail_hits, plan.misses
             ls.bytes, ls.gather_s, ls.copy_s = rec.bytes, rec.gather_s, rec.copy_s
             step.layers.append(ls)
-            dst_b, dst_g, dst_s = self._device_plan(plan, staged)
+            if staged is not None:
+                self.pool_k[layer], self.pool_v[layer] = _scatter(self.pool_k[layer], self.pool_v[layer], staged,
+                                                                  *self._device_plan(plan, staged))
             x, self.pool_k[layer], self.pool_v[layer], self.kc[layer] = _back(
-                gd, st, x, q, k, v, self.pool_k[layer], self.pool_v[layer], self.kc[layer], staged, dst_b, dst_g,
-                dst_s, jnp.asarray(plan.slot_ids), jnp.asarray(plan.slot_lengths), positions, self.sparse)
+                gd, st, x, q, k, v, self.pool_k[layer], self.pool_v[layer], self.kc[layer],
+                jnp.asarray(plan.slot_ids), jnp.asarray(plan.slot_lengths), positions, self.sparse)
             if nxt is not None:  # Forecast: layer+1's misses start moving now, while this layer computes
                 plan_n, rows_n = self._plan_rows(layer + 1, self._ids(nxt, layer + 1, positions_np), positions_np)
                 pending = (plan_n, self.fetcher.submit(layer + 1, rows_n))
@@ -354,14 +368,10 @@ class OffloadEngine:
             self.store.data[:, b, :, blk, 1] = vs
 
     # ------------------------------------------------------------------------------------------------ benchmarks
-    def fill_synthetic(self, length: int, seed: int = 0) -> None:
+    def fill_synthetic(self, length: int, seed: int = 0, fill_store: bool = True) -> None:
         """Benchmarks: pretend `length` tokens were prefilled (non-zero pseudo-random KV, no model run)."""
-        rng = np.random.default_rng(seed)
-        pattern = rng.standard_normal((self.store.row_elems * 64,)).astype(np.float32).astype(self.store.dtype)
-        flat = self.store.data.reshape(-1)
-        n = pattern.shape[0]
-        for i in range(0, flat.shape[0], n):
-            flat[i:i + n] = pattern[:min(n, flat.shape[0] - i)]
+        if fill_store:
+            self.store.fill(seed)
         key = jax.random.key(seed)
         for layer in range(self.config.num_layers):
             self.kc[layer] = jax.random.normal(jax.random.fold_in(key, layer), self.kc[layer].shape, self.dtype)

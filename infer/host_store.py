@@ -86,11 +86,40 @@ class HostKVStore:
                 self._torch = None
         return np.empty(self.shape, self.dtype)
 
+    def view(self, batch: int) -> "HostKVStore":
+        """The first `batch` sequences of this store, sharing its memory (benchmarks reuse one allocation)."""
+        import copy
+
+        if batch > self.batch:
+            raise SpardaError(f"store holds {self.batch} sequences, {batch} requested")
+        v = copy.copy(self)
+        v.data = self.data[:, :batch]
+        v.batch = batch
+        v.shape = v.data.shape
+        v.nbytes = self.nbytes // self.batch * batch
+        return v
+
+    def fill(self, seed: int = 0, threads: int = 16) -> None:
+        """Non-zero pseudo-random content (benchmarks never time on zeros), written by several threads."""
+        import concurrent.futures as cf
+
+        rng = np.random.default_rng(seed)
+        pattern = rng.standard_normal(1 << 20).astype(np.float32).astype(self.dtype)
+        layers = [self.data[i].reshape(-1) for i in range(self.num_layers)]
+
+        def one(flat):
+            n = pattern.shape[0]
+            for i in range(0, flat.shape[0], n):
+                flat[i:i + n] = pattern[:min(n, flat.shape[0] - i)]
+
+        with cf.ThreadPoolExecutor(threads) as ex:
+            list(ex.map(one, layers))
+
     def layer(self, layer: int) -> np.ndarray:
         return self.data[layer]
 
     def flat(self, layer: int) -> np.ndarray:
-        return self.data[layer].reshape(-1, self.row_elems)
+        return self.data[layer].reshape(-1, self.row_elems)  # a view: data[layer] is contiguous
 
     def row_ids(self, b: np.ndarray, kv: np.ndarray, block: np.ndarray) -> np.ndarray:
         return ((b * self.kv_heads + kv) * self.num_blocks + block).astype(np.int64)

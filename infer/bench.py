@@ -1,0 +1,374 @@
+"""`python -m infer.bench`: decode/prefill speed of every engine mode at 8B shapes with random bf16 weights.
+
+A script, not a test. Random weights select meaninglessly, so offload modes replay the selection locality measured
+on the real SmolLM2 (`infer.locality`, bench_results/engine/locality_smollm2.json). Writes JSON + PNG under --out.
+Runs configurations in priority order and stops when --budget-s is spent (the JSON is rewritten after each one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+
+import numpy as np  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                 head_dim=16),
+    # the paper's 8B models: 2 KV heads
+    "paper8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=16384, num_layers=32, num_heads=32,
+                    num_kv_heads=2, head_dim=128),
+    "llama31_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                       num_kv_heads=8, head_dim=128),
+}
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
+
+
+def random_model(shape: str, dtype):
+    import jax
+    from flax import nnx
+
+    from sparda_jax.config import ModelConfig
+    from sparda_jax.model import Transformer
+
+    cfg = ModelConfig(max_context=1 << 18, rope_theta=500000.0, **SHAPES[shape])
+    # Built on the default device (the GPU) by jax.random: nothing goes through host memory.
+    model = Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    jax.block_until_ready(nnx.state(model))
+    return model
+
+
+def device_free_bytes() -> int:
+    import jax
+
+    st = jax.devices()[0].memory_stats() or {}
+    return int(st.get("bytes_limit", 0) - st.get("bytes_in_use", 0))
+
+
+@dataclasses.dataclass
+class Run:
+    shape: str
+    mode: str
+    context: int
+    batch: int
+    transfer: str = ""
+    cache_slots: int = 0
+    step_s: float = 0.0
+    tok_s: float = 0.0
+    hit_rate: float = float("nan")
+    misses_per_step: float = 0.0
+    mb_per_step: float = 0.0
+    copy_s_per_step: float = 0.0
+    wait_s_per_step: float = 0.0
+    pcie_gbps: float = float("nan")
+    hidden_fraction: float = float("nan")
+    error: str = ""
+
+
+def time_engine(engine, batch: int, warmup: int, steps: int) -> tuple[float, list]:
+    tok = np.ones(batch, np.int32)
+    for _ in range(warmup):
+        engine.decode(tok)
+    n0 = len(engine.stats)
+    for _ in range(steps):
+        engine.decode(tok)
+    st = engine.stats[n0:]
+    return float(np.median([s.seconds for s in st])), st
+
+
+def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfer, cache_slots, warmup, steps):
+    from infer.engine import OffloadEngine
+    from infer.locality import ReplaySelector
+
+    c = model.config
+    replay = ReplaySelector(locality["modes"]["sparse-offload" if mode == "sparse-offload" else "sparda-offload"],
+                            c.num_layers, batch, c.num_kv_heads, sparse.top_k_blocks, sparse.local_blocks)
+    r = Run(shape, mode, ctx, batch, transfer, cache_slots)
+    with OffloadEngine(model, sparse, mode=mode, batch=batch, max_len=store.num_blocks * 64, cache_slots=cache_slots,
+                       transfer=transfer, store=store, selection_override=replay, gather_threads=12) as eng:
+        eng.fill_synthetic(ctx, fill_store=False)
+        r.cache_slots = eng.cache_slots
+        r.step_s, st = time_engine(eng, batch, warmup, steps)
+    r.tok_s = batch / r.step_s
+    hits = sum(s.total("hits") for s in st)
+    miss = sum(s.total("misses") for s in st)
+    r.hit_rate = hits / max(hits + miss, 1)
+    r.misses_per_step = miss / len(st)
+    r.mb_per_step = sum(s.total("bytes") for s in st) / len(st) / 1e6
+    r.copy_s_per_step = sum(s.total("copy_s") for s in st) / len(st)
+    r.wait_s_per_step = sum(s.total("wait_s") for s in st) / len(st)
+    if r.copy_s_per_step > 0 and transfer == "host-gather":
+        r.pcie_gbps = r.mb_per_step / 1e3 / r.copy_s_per_step
+        r.hidden_fraction = max(0.0, 1 - r.wait_s_per_step / r.copy_s_per_step)
+    return r
+
+
+def resident_run(model, sparse, shape, mode, ctx, batch, warmup, steps):
+    from infer.engine import ResidentEngine
+
+    r = Run(shape, mode, ctx, batch)
+    eng = ResidentEngine(model, sparse, mode=mode, batch=batch, max_len=ctx + 256)
+    eng.fill_synthetic(ctx)
+    r.step_s, _ = time_engine(eng, batch, warmup, steps)
+    r.tok_s = batch / r.step_s
+    del eng
+    return r
+
+
+def prefill_run(model, sparse, shape, mode, ctx):
+    from infer.engine import make_engine
+
+    r = Run(shape, "prefill:" + mode, ctx, 1)
+    kw = {} if mode in ("sparse", "sparda", "dense") else {"prefill_chunk": 4096}
+    with make_engine(model, sparse, mode, batch=1, max_len=ctx, **kw) as eng:
+        tokens = np.random.default_rng(0).integers(0, 1000, (1, ctx)).astype(np.int32)
+        eng.prefill(tokens)  # compile + first run
+        eng.prefill(tokens)
+        r.step_s = eng.stats[-1].seconds
+    r.tok_s = ctx / r.step_s
+    return r
+
+
+def transfer_probe(out: dict) -> None:
+    """Raw H2D paths: staging device_put (jax pinned_host vs torch pinned via DLPack), threaded gather, zero-copy."""
+    import jax
+    import jax.numpy as jnp
+
+    from infer.host_store import HostKVStore
+    from infer.transfer import HostGatherFetcher, ZeroCopyFetcher
+
+    store = HostKVStore(1, 8, 8, 32768, 64, 128, jnp.bfloat16)  # 1 layer, 4096 rows/seq-head, 32 KiB rows
+    store.fill()
+    rng = np.random.default_rng(0)
+    res = {"store_pinned": store.pinned}
+    for n in (128, 512, 2048):
+        rows = rng.choice(store.flat(0).shape[0], n, replace=False)
+        mb = n * store.row_elems * 2 / 1e6
+        for kind in ("jax_pinned", "torch"):
+            for threads in (1, 8, 16):
+                try:
+                    f = HostGatherFetcher(store, n, threads=threads, staging=kind)
+                    out_, _ = f.fetch(0, rows)
+                    ok = np.array_equal(np.asarray(out_[:n]).view(np.uint16),
+                                        store.flat(0)[rows].view(np.uint16))
+                    ts = []
+                    for _ in range(5):
+                        _, rec = f.fetch(0, rows)
+                        ts.append((rec.gather_s, rec.copy_s))
+                    g, c = np.median(np.array(ts), axis=0)
+                    res[f"gather_{kind}_{threads}t_{n}rows"] = dict(mb=mb, correct=bool(ok), gather_gbps=mb / 1e3 / g,
+                                                                    total_gbps=mb / 1e3 / c)
+                    f.close()
+                except Exception as e:
+                    res[f"gather_{kind}_{threads}t_{n}rows"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        try:
+            z = ZeroCopyFetcher(store)
+            o, _ = z.fetch(0, rows)
+            ok = np.array_equal(np.asarray(o[:n]).view(np.uint16), store.flat(0)[rows].view(np.uint16))
+            ts = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                o, _ = z.fetch(0, rows)
+                o.block_until_ready()
+                ts.append(time.perf_counter() - t0)
+            res[f"zero_copy_{n}rows"] = dict(mb=mb, correct=bool(ok), gbps=mb / 1e3 / float(np.median(ts)))
+        except Exception as e:
+            res[f"zero_copy_{n}rows"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        log("probe", n, {k: v for k, v in res.items() if k.endswith(f"_{n}rows")})
+    out["transfer_probe"] = res
+
+
+def hf_peer(shape: str, ctx: int, steps: int) -> dict:
+    """HF transformers' offloaded KV cache at the same shape (random weights), in a subprocess after JAX is gone."""
+    code = f"""
+import time, json, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+s = {SHAPES[shape]!r}
+cfg = LlamaConfig(vocab_size=s['vocab_size'], hidden_size=s['hidden_size'], intermediate_size=s['intermediate_size'],
+    num_hidden_layers=s['num_layers'], num_attention_heads=s['num_heads'], num_key_value_heads=s['num_kv_heads'],
+    head_dim=s['head_dim'], max_position_embeddings=262144, torch_dtype=torch.bfloat16)
+torch.manual_seed(0)
+with torch.device('cuda'):
+    m = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+ids = torch.randint(0, 1000, (1, {ctx}), device='cuda')
+with torch.no_grad():
+    t0 = time.time(); torch.cuda.synchronize()
+    out = m.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, cache_implementation='offloaded')
+    torch.cuda.synchronize(); t1 = time.time()
+    out = m.generate(ids, max_new_tokens={steps + 1}, min_new_tokens={steps + 1}, do_sample=False,
+                     cache_implementation='offloaded')
+    torch.cuda.synchronize(); t2 = time.time()
+print(json.dumps(dict(shape={shape!r}, context={ctx}, prefill_plus_1_s=t1 - t0,
+                      decode_tok_s={steps - 1} / max((t2 - t1) - (t1 - t0), 1e-9))))
+"""
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+        return json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-800:]}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def plots(result: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return
+    runs = [r for r in result["runs"] if not r["error"] and not r["mode"].startswith("prefill")]
+    for shape in sorted({r["shape"] for r in runs}):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ctx, ax in zip(sorted({r["context"] for r in runs if r["shape"] == shape})[:2], axes):
+            sel = [r for r in runs if r["shape"] == shape and r["context"] == ctx]
+            for key in sorted({(r["mode"], r["transfer"], r["cache_slots"]) for r in sel}):
+                pts = sorted((r["batch"], r["tok_s"]) for r in sel if (r["mode"], r["transfer"], r["cache_slots"]) == key)
+                label = key[0] + (f" {key[1]}" if key[1] else "") + (f" cache {key[2]}" if key[2] else "")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+            ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tok/s", title=f"{shape}, {ctx // 1024}K")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"decode_{shape}.png", dpi=110)
+        plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(prog="python -m infer.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="paper8b")
+    p.add_argument("--contexts", default="32768,65536,131072")
+    p.add_argument("--batches", default="1,4,16", help="plus each mode's largest feasible batch")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--top-k-blocks", type=int, default=96)
+    p.add_argument("--local-blocks", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=0, help="cap on the largest batch tried (0 = none)")
+    p.add_argument("--host-gb", type=float, default=100.0, help="host memory for the KV store")
+    p.add_argument("--budget-s", type=float, default=500.0)
+    p.add_argument("--locality", default="bench_results/engine/locality_smollm2.json")
+    p.add_argument("--probe", action="store_true", help="raw transfer-path probe first")
+    p.add_argument("--prefill", type=int, default=16384, help="prefill context (0 = skip)")
+    p.add_argument("--hf-peer", type=int, default=32768, help="HF offloaded-cache peer context (0 = skip)")
+    p.add_argument("--hf-only", action="store_true", help="only the HF peer (run it in its own process: JAX "
+                   "holds the GPU memory otherwise)")
+    p.add_argument("--quick", action="store_true", help="fewer configurations (fits one 10-minute call)")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_results/engine"))
+    a = p.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    from infer.host_store import HostKVStore
+    from sparda_jax.config import SparseConfig
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.hf_only:
+        peer = hf_peer(a.shapes.split(",")[0], a.hf_peer, 8)
+        peer["date"] = datetime.date.today().isoformat()
+        (out / f"hf_offloaded_peer_{a.shapes.split(',')[0]}.json").write_text(json.dumps(peer, indent=1))
+        log("hf peer", peer)
+        return
+    dev = jax.devices()[0]
+    result = {"date": datetime.date.today().isoformat(), "device": dev.device_kind, "command": " ".join(sys.argv),
+              "jax": jax.__version__, "locality_source": a.locality, "runs": []}
+    locality = json.loads(Path(a.locality).read_text())
+    sparse = SparseConfig(top_k_blocks=a.top_k_blocks, local_blocks=a.local_blocks)
+    path = out / f"engine_bench_{'_'.join(a.shapes.split(','))}.json"
+
+    def save():
+        path.write_text(json.dumps(result, indent=1))
+
+    def left():
+        return a.budget_s - (time.time() - T0)
+
+    if a.probe:
+        transfer_probe(result)
+        save()
+    contexts = [int(x) for x in a.contexts.split(",")]
+    batches = [int(x) for x in a.batches.split(",")]
+    for shape in a.shapes.split(","):
+        model = random_model(shape, jnp.bfloat16)
+        c = model.config
+        weights_free = device_free_bytes()
+        log(shape, "model built; device free GB", weights_free / 1e9)
+        per_tok = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2
+        for ctx in contexts:
+            if left() < 60:
+                break
+            max_len = ctx + 256
+            seq_host = per_tok * max_len
+            b_off = max(1, int(a.host_gb * 1e9 // seq_host))
+            if a.max_batch:
+                b_off = min(b_off, a.max_batch)
+            # resident: KV + compressed keys must fit next to the weights, with 6 GB for activations and compiles
+            b_res = max(0, int((weights_free - 6e9) // (seq_host * (1 + 1 / 32))))
+            log(f"ctx {ctx}: largest batch resident {b_res}, offload (host {a.host_gb} GB) {b_off}")
+            t_alloc = time.time()
+            store = HostKVStore(c.num_layers, b_off, c.num_kv_heads, max_len, 64, c.head_dim, jnp.bfloat16,
+                                host_memory_gb=a.host_gb)
+            store.fill()
+            log(f"store {store.nbytes / 1e9:.1f} GB pinned={store.pinned} in {time.time() - t_alloc:.1f}s")
+            plan = []
+            for b in sorted(set([x for x in batches if x <= b_off] + [b_off])):
+                if b <= b_res:
+                    plan += [("resident", "sparse", b, "", 0), ("resident", "sparda", b, "", 0)]
+                plan += [("offload", "sparse-offload", b, "host-gather", 0),
+                         ("offload", "sparda-offload", b, "host-gather", 0)]
+                if b == 1 or b == batches[-1]:
+                    plan += [("offload", "sparda-offload", b, "zero-copy", 0),
+                             ("offload", "sparda-offload", b, "host-gather", 4 * a.top_k_blocks)]
+            if b_res >= 1 and b_res not in [x[2] for x in plan]:
+                plan += [("resident", "sparse", b_res, "", 0)]
+            if ctx == contexts[0]:
+                plan.append(("resident", "dense", 1, "", 0))
+            if a.quick:
+                plan = [x for x in plan if x[2] in (1, b_off, b_res) or x[2] == batches[-1]]
+            for kind, mode, b, transfer, slots in plan:
+                if left() < 45:
+                    log("budget spent; stopping")
+                    break
+                t_run = time.time()
+                try:
+                    if kind == "resident":
+                        r = resident_run(model, sparse, shape, mode, ctx, b, a.warmup, a.steps)
+                    else:
+                        r = offload_run(model, sparse, shape, mode, ctx, b, store, locality, transfer, slots or None,
+                                        a.warmup, a.steps)
+                except Exception as e:  # OOM and the like: record and go on
+                    r = Run(shape, mode, ctx, b, transfer, slots, error=f"{type(e).__name__}: {e}"[:400])
+                result["runs"].append(dataclasses.asdict(r))
+                log(f"{mode:15s} {transfer:11s} slots {slots:4d} ctx {ctx} B {b:3d}: {r.tok_s:9.1f} tok/s "
+                    f"step {r.step_s * 1e3:8.2f} ms hit {r.hit_rate:.3f} miss/step {r.misses_per_step:7.1f} "
+                    f"{r.mb_per_step:7.1f} MB copy {r.copy_s_per_step * 1e3:6.2f} ms wait {r.wait_s_per_step * 1e3:6.2f}"
+                    f" ms hidden {r.hidden_fraction:.2f} ({time.time() - t_run:.0f}s) {r.error[:120]}")
+                save()
+            del store
+        if a.prefill and left() > 90:
+            for mode in ("sparse", "sparse-offload", "sparda-offload"):
+                try:
+                    r = prefill_run(model, sparse, shape, mode, a.prefill)
+                except Exception as e:
+                    r = Run(shape, "prefill:" + mode, a.prefill, 1, error=f"{type(e).__name__}: {e}"[:400])
+                result["runs"].append(dataclasses.asdict(r))
+                log(f"prefill {mode} {a.prefill}: {r.step_s:.2f} s {r.error[:100]}")
+                save()
+        del model
+    plots(result, out)
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Selection locality of the real default model (SmolLM2), measured on CPU, and its replay at other shapes.
+
+`python -m infer.locality --out bench_results/engine/locality_smollm2.json` decodes with the offload engine in the
+`sparse-offload` and `sparda-offload` modes, records every layer's selection at every step, and stores per layer:
+  drift: fraction of the non-forced selected blocks that were not selected at the previous step,
+  recur: of the blocks that enter the selection, the fraction selected at some earlier decode step,
+and, replaying the recorded selections through `SlotMap`, the hit rate with a pool of k slots and with larger caches.
+
+`ReplaySelector` drives a benchmark's selection with those statistics (random weights select meaninglessly): per
+(layer, sequence, KV head) the non-forced blocks change at rate `drift`; an entering block is, with probability
+`recur`, one this row dropped earlier, else uniform over the visible blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from infer.slots import SlotMap
+
+
+def _forced_mask(ids: np.ndarray, positions: np.ndarray, local: int, block: int) -> np.ndarray:
+    cur = (positions // block)[:, None, None]
+    return (ids == 0) | (ids >= cur - local)
+
+
+def locality_from_trace(trace: list[list[np.ndarray]], positions: list[np.ndarray], k: int, local: int,
+                        block: int, cache_factors=(1, 2, 4)) -> dict:
+    """trace[step][layer] = ids [B, KV, k]; returns per-layer drift / recur and hit rates per cache size."""
+    steps, layers = len(trace), len(trace[0])
+    out = {"layers": []}
+    for layer in range(layers):
+        drift_num = drift_den = rec_num = rec_den = 0
+        b, kvh, _ = trace[0][layer].shape
+        seen = [[set() for _ in range(kvh)] for _ in range(b)]
+        prev = None
+        for s in range(steps):
+            ids = trace[s][layer]
+            forced = _forced_mask(ids, positions[s], local, block)
+            cur = [[set(int(x) for x, f in zip(ids[i, g], forced[i, g]) if x >= 0 and not f) for g in range(kvh)]
+                   for i in range(b)]
+            if prev is not None:
+                for i in range(b):
+                    for g in range(kvh):
+                        new = cur[i][g] - prev[i][g]
+                        drift_num += len(new)
+                        drift_den += len(cur[i][g])
+                        rec_num += len(new & seen[i][g])
+                        rec_den += len(new)
+            for i in range(b):
+                for g in range(kvh):
+                    seen[i][g] |= cur[i][g]
+            prev = cur
+        entry = {"layer": layer, "drift": drift_num / max(drift_den, 1), "recur": rec_num / max(rec_den, 1)}
+        for factor in cache_factors:
+            m = SlotMap(b, kvh, int(max(p.max() for p in positions)) // block + 2, factor * k, block)
+            hits = misses = 0
+            for s in range(steps):
+                p = m.plan(trace[s][layer], positions[s])
+                if s > 0:  # the first step fills an empty pool
+                    hits, misses = hits + p.hits, misses + p.misses
+            entry[f"hit_rate_cache_{factor}k"] = hits / max(hits + misses, 1)
+        out["layers"].append(entry)
+    for key in [k_ for k_ in out["layers"][0] if k_ != "layer"]:
+        out[f"mean_{key}"] = float(np.mean([e[key] for e in out["layers"]]))
+    return out
+
+
+def measure(text_path: str, prompt_tokens: int, steps: int, top_k: int, local: int) -> dict:
+    from infer.engine import OffloadEngine
+    from sparda_jax.config import SparseConfig
+    from sparda_jax.model import build_model
+    from sparda_jax.tokenizer import load_tokenizer
+    from sparda_jax.weights import load_checkpoint
+
+    ck = load_checkpoint()
+    tok = load_tokenizer(ck)
+    model = build_model(ck.weights, ck.config)
+    ids = tok.encode(Path(text_path).read_text())
+    while len(ids) < prompt_tokens + steps:
+        ids = ids + ids
+    prompt = np.asarray(ids[:prompt_tokens], np.int32)[None]
+    sparse = SparseConfig(top_k_blocks=top_k, local_blocks=local)
+    result = {"model": str(ck.path), "text": text_path, "prompt_tokens": prompt_tokens, "steps": steps,
+              "top_k_blocks": top_k, "local_blocks": local, "modes": {}}
+    for mode in ("sparse-offload", "sparda-offload"):
+        trace, positions = [], []
+        max_len = -(-(prompt_tokens + steps) // 256) * 256
+
+        def record(layer, sel, pos, _trace=trace):
+            if layer == 0:
+                _trace.append([])
+            _trace[-1].append(sel.copy())
+            return sel
+
+        t0 = time.time()
+        with OffloadEngine(model, sparse, mode=mode, batch=1, max_len=max_len, selection_override=record) as eng:
+            eng.prefill(prompt)
+            for s in range(steps):
+                positions.append(eng.lengths.copy())
+                # Teacher forcing on the text: the next real token, so the selection follows natural text.
+                eng.decode(np.asarray([ids[prompt_tokens + s]]))
+        # sparda records layer l+1 before layer l+1's own turn; order by layer index per step
+        result["modes"][mode] = {**locality_from_trace(trace, positions, top_k, local, sparse.block_size),
+                                 "seconds": time.time() - t0}
+        print(mode, {k: v for k, v in result["modes"][mode].items() if k.startswith("mean")}, flush=True)
+    return result
+
+
+class ReplaySelector:
+    """A `selection_override` for benchmarks with random weights; see the module docstring."""
+
+    def __init__(self, stats: dict, num_layers: int, batch: int, kv_heads: int, top_k: int, local: int,
+                 block: int = 64, seed: int = 0):
+        layers = stats["layers"]
+        # Map the measured model's layers onto this model's layers by relative depth.
+        pick = [layers[min(len(layers) - 1, int(i * len(layers) / num_layers))] for i in range(num_layers)]
+        self.drift = np.array([p["drift"] for p in pick])
+        self.recur = np.array([p["recur"] for p in pick])
+        self.k, self.local, self.block = top_k, local, block
+        self.rng = np.random.default_rng(seed)
+        self.state: dict[int, np.ndarray] = {}
+        self.dropped: dict[int, np.ndarray] = {}
+        self.shape = (batch, kv_heads)
+
+    def __call__(self, layer: int, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        b, kvh = self.shape
+        cur = positions // self.block  # [B]
+        forced = [np.concatenate([[0], np.arange(max(1, c - self.local), c + 1)]) for c in cur]
+        nf = self.k - max(len(f) for f in forced)
+        hi = np.maximum(cur - self.local, 2)[:, None, None]  # non-forced candidates: [1, hi)
+        rng = self.rng
+        if layer not in self.state:
+            self.state[layer] = np.stack([np.stack([rng.choice(np.arange(1, h), nf, replace=False)
+                                                    for _ in range(kvh)]) for h in hi[:, 0, 0]])
+            self.dropped[layer] = self.state[layer].copy()
+        sel = self.state[layer]
+        change = rng.random(sel.shape) < self.drift[layer]
+        recur = rng.random(sel.shape) < self.recur[layer]
+        from_dropped = np.take_along_axis(self.dropped[layer], rng.integers(0, nf, sel.shape), axis=-1)
+        fresh = 1 + (rng.random(sel.shape) * (hi - 1)).astype(np.int64)
+        new = np.where(recur, from_dropped, fresh)
+        self.dropped[layer] = np.where(change, sel, self.dropped[layer])
+        sel = np.where(change, new, sel)
+        self.state[layer] = sel
+        out = np.full((b, kvh, self.k), -1, np.int32)
+        for i in range(b):
+            f = forced[i]
+            out[i, :, :len(f)] = f
+            out[i, :, len(f):len(f) + nf] = sel[i]
+        return out
+
+
+def main():
+    p = argparse.ArgumentParser(prog="python -m infer.locality", description=__doc__.splitlines()[0])
+    p.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
+    p.add_argument("--prompt-tokens", type=int, default=3072)
+    p.add_argument("--steps", type=int, default=96)
+    p.add_argument("--top-k-blocks", type=int, default=16)
+    p.add_argument("--local-blocks", type=int, default=4)
+    p.add_argument("--out", default="bench_results/engine/locality_smollm2.json")
+    a = p.parse_args()
+    res = measure(a.text, a.prompt_tokens, a.steps, a.top_k_blocks, a.local_blocks)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
