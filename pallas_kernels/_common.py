@@ -68,18 +68,27 @@ def pad_axis(x, axis: int, new_size: int, value=0):
   return jnp.pad(x, pads, constant_values=value)
 
 
-def gather_blocks(ref, block_ids, token_mask):
-  """Masked gather of whole blocks from a [num_blocks, S, D] ref inside a kernel: returns [n, S, D].
+def gather_rows(ref, rows, row_mask):
+  """Masked row gather inside a kernel: `ref` [R, D], `rows` [T] int32 (in range), `row_mask` [T] bool -> [T, D].
 
-  `block_ids` [n] int32 (already clamped into range), `token_mask` [n, S] bool: rows where it is False are not read
-  (no memory traffic) and come back as 0. Every dimension is indexed by an explicit integer array, a form that both the
-  Triton lowering (one pointer tensor, contiguous along D) and interpret mode (a plain gather) support.
+  Masked-off rows are not read (no memory traffic) and come back as 0. Both dimensions are indexed by explicit integer
+  arrays, a form that the Triton lowering (one pointer tensor, contiguous and 16-byte aligned along D, the result
+  directly in the [T, D] shape the dot wants) and interpret mode (a plain gather) both support.
   """
-  n = block_ids.shape[0]
-  _, block_size, head_dim = ref.shape
-  shape = (n, block_size, head_dim)
-  rows = jnp.broadcast_to(block_ids[:, None, None], shape)
-  toks = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-  cols = jax.lax.broadcasted_iota(jnp.int32, shape, 2)
-  mask = jnp.broadcast_to(token_mask[:, :, None], shape)
-  return pltriton.load(ref.at[rows, toks, cols], mask=mask, other=0)
+  t = rows.shape[0]
+  head_dim = ref.shape[1]
+  shape = (t, head_dim)
+  r = jnp.broadcast_to(rows[:, None], shape)
+  c = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  mask = jnp.broadcast_to(row_mask[:, None], shape)
+  return pltriton.load(ref.at[r, c], mask=mask, other=0)
+
+
+def select_tile(table, t):
+  """Row t of a small register-resident [n, k] int table, as [k], without a memory load (masked sum over rows).
+
+  Used to walk a list of block ids that was loaded once before the loop, so that the addresses of the K/V gathers in
+  step t depend on no load issued inside the loop (which lets Triton's software pipeliner prefetch them).
+  """
+  sel = jax.lax.broadcasted_iota(jnp.int32, table.shape, 0) == t
+  return jnp.where(sel, table, 0).sum(axis=0)

@@ -32,12 +32,13 @@ from pallas_kernels._common import (
     check_float,
     check_int32,
     dot_precision,
-    gather_blocks,
+    gather_rows,
     is_pow2,
     next_pow2,
     num_sms,
     pad_axis,
     resolve_implementation,
+    select_tile,
 )
 
 __all__ = ["sparse_decode_attention", "sparse_decode_attention_reference", "decode_launch_config"]
@@ -48,8 +49,8 @@ __all__ = ["sparse_decode_attention", "sparse_decode_attention_reference", "deco
 # ----------------------------------------------------------------------------------------------------------------------
 def _sparse_decode_kernel(
     q_ref,  # [Gp, D]
-    k_ref,  # [P, S, D]   whole pool of this (b, h)
-    v_ref,  # [P, S, D]
+    k_ref,  # [P * S, D]   whole pool of this (b, h), blocks flattened into rows
+    v_ref,  # [P * S, D]
     ids_ref,  # [entries_per_split] int32
     lens_ref,  # [entries_per_split] int32
     o_ref,  # [Gp, D] float32, unnormalised
@@ -57,12 +58,14 @@ def _sparse_decode_kernel(
     l_ref,  # [Gp] float32, running sum
     *,
     scale_log2: float,
+    block_size: int,
     blocks_per_tile: int,
     precision,
-    prefetch_ids: bool,
+    id_source: str,
+    kv_prefetch: bool,
 ):
   gp, head_dim = q_ref.shape
-  num_blocks, block_size, _ = k_ref.shape
+  num_blocks = k_ref.shape[0] // block_size
   entries = ids_ref.shape[0]
   nb = blocks_per_tile
   tile = nb * block_size
@@ -71,44 +74,83 @@ def _sparse_decode_kernel(
   q = q_ref[...]
   token = lax.broadcasted_iota(jnp.int32, (nb, block_size), 1)
 
-  def load_entries(t):
-    sl = pl.ds(t * nb, nb)
-    return ids_ref[sl], lens_ref[sl]
+  # Where step t's slot ids come from.
+  if id_source == "preload":
+    # The split's whole list, loaded once; step t picks its row with a masked sum (no load inside the loop), so the
+    # gather addresses depend on no in-loop load and Triton's software pipeliner can issue them stages ahead.
+    id_table = ids_ref[...].reshape(num_tiles, nb)
+    len_table = lens_ref[...].reshape(num_tiles, nb)
 
-  def body(t, carry):
-    if prefetch_ids:
-      # The ids of step t were loaded in step t - 1; load those of step t + 1 now, so that the K/V gathers below
-      # depend only on loop-carried values and never wait on an index load.
-      acc, m_prev, l_prev, ids, lens = carry
-      nxt = load_entries(jnp.minimum(t + 1, num_tiles - 1))
-    else:
-      acc, m_prev, l_prev = carry
-      ids, lens = load_entries(t)
+    def entries_of(t):
+      return select_tile(id_table, t), select_tile(len_table, t)
+  elif id_source in ("loop", "prefetch"):
+    def entries_of(t):
+      sl = pl.ds(t * nb, nb)
+      return ids_ref[sl], lens_ref[sl]
+  else:
+    raise ValueError(f"id_source must be 'preload', 'prefetch' or 'loop', got {id_source!r}")
+
+  def rows_and_mask(ids, lens, live=True):
     present = ids >= 0
     safe_ids = jnp.minimum(jnp.maximum(ids, 0), num_blocks - 1)
-    n_valid = jnp.where(present, lens, 0)
-    tok_ok = token < n_valid[:, None]  # [nb, S]
-    # Issue both gathers before the first use so the two reads are in flight together.
-    k = gather_blocks(k_ref, safe_ids, tok_ok).reshape(tile, head_dim)
-    v = gather_blocks(v_ref, safe_ids, tok_ok).reshape(tile, head_dim)
+    n_valid = jnp.where(present & live, lens, 0)
+    rows = (safe_ids[:, None] * block_size + token).reshape(tile)
+    ok = (token < n_valid[:, None]).reshape(tile)
+    return rows, ok
 
+  def load_kv(rows, ok):
+    # Both gathers are issued before the first use, so the two reads are in flight together.
+    return gather_rows(k_ref, rows, ok), gather_rows(v_ref, rows, ok)  # [tile, D] each
+
+  def update(acc, m_prev, l_prev, k, v, ok):
     s = pltriton.dot(q, k, trans_b=True, precision=precision) * scale_log2  # [Gp, tile] float32
-    ok = tok_ok.reshape(1, tile)
-    s = jnp.where(ok, s, NEG_INF)
+    s = jnp.where(ok[None, :], s, NEG_INF)
     m_next = jnp.maximum(m_prev, s.max(axis=1))
     alpha = jnp.exp2(m_prev - m_next)
-    p = jnp.where(ok, jnp.exp2(s - m_next[:, None]), 0.0)
+    # Masked logits give exp2(NEG_INF - m) = 0 once m is real. While a row has seen nothing valid (m == NEG_INF)
+    # they give 1, but V is 0 there (masked load), and the first real m wipes l and acc through alpha = 0; a row
+    # that never sees anything keeps m == NEG_INF and is zeroed in the merge.
+    p = jnp.exp2(s - m_next[:, None])
     l_next = l_prev * alpha + p.sum(axis=1)
     acc = acc * alpha[:, None] + pltriton.dot(p.astype(v.dtype), v, precision=precision)
-    if prefetch_ids:
-      return (acc, m_next, l_next) + nxt
     return acc, m_next, l_next
 
   acc = jnp.zeros((gp, head_dim), jnp.float32)
   m_i = jnp.full((gp,), NEG_INF, jnp.float32)
   l_i = jnp.zeros((gp,), jnp.float32)
-  init = (acc, m_i, l_i) + (load_entries(0) if prefetch_ids else ())
-  acc, m_i, l_i = lax.fori_loop(0, num_tiles, body, init)[:3]
+
+  if kv_prefetch:
+    # Register double buffering: step t issues the gathers of step t + 1 before computing on the tiles loaded in
+    # step t - 1 (the step after the last one is fully masked: no memory traffic).
+    def load_step(t):
+      live = t < num_tiles
+      ids, lens = entries_of(jnp.minimum(t, num_tiles - 1))
+      rows, ok = rows_and_mask(ids, lens, live)
+      return load_kv(rows, ok) + (ok,)
+
+    def body(t, carry):
+      acc, m_prev, l_prev, k, v, ok = carry
+      nxt = load_step(t + 1)
+      return update(acc, m_prev, l_prev, k, v, ok) + nxt
+
+    acc, m_i, l_i = lax.fori_loop(0, num_tiles, body, (acc, m_i, l_i) + load_step(0))[:3]
+  elif id_source == "prefetch":
+    # The ids of step t were loaded in step t - 1; step t loads those of step t + 1.
+    def body(t, carry):
+      acc, m_prev, l_prev, ids, lens = carry
+      nxt = entries_of(jnp.minimum(t + 1, num_tiles - 1))
+      rows, ok = rows_and_mask(ids, lens)
+      k, v = load_kv(rows, ok)
+      return update(acc, m_prev, l_prev, k, v, ok) + nxt
+
+    acc, m_i, l_i = lax.fori_loop(0, num_tiles, body, (acc, m_i, l_i) + entries_of(0))[:3]
+  else:
+    def body(t, carry):
+      rows, ok = rows_and_mask(*entries_of(t))
+      k, v = load_kv(rows, ok)
+      return update(*carry, k, v, ok)
+
+    acc, m_i, l_i = lax.fori_loop(0, num_tiles, body, (acc, m_i, l_i))
   o_ref[...] = acc
   m_ref[...] = m_i
   l_ref[...] = l_i
@@ -126,26 +168,30 @@ def decode_launch_config(
     blocks_per_tile: int | None = None,
     sm_count: int | None = None,
     programs_per_sm: int = 4,
-    min_tiles_per_split: int = 2,
+    max_tiles_per_split: int = 32,
+    pow2_tiles: bool = True,
 ) -> tuple[int, int, int]:
   """Returns (blocks_per_tile, num_splits, tiles_per_split) for B*KV = `batch_heads` lists of `num_entries` blocks.
 
-  Default tile: 128 tokens (2 blocks of 64). Default splits: enough programs for `programs_per_sm` per SM, but at
-  least `min_tiles_per_split` tiles per program; a split never ends up empty.
+  Default tile: 64 tokens per loop step. Default splits: at least `programs_per_sm` programs per SM, and no program
+  longer than `max_tiles_per_split` steps (many short programs keep the last wave's tail small). With `pow2_tiles`
+  the steps per program are a power of two (the "preload" id source loads the whole list as one tensor).
   """
   if blocks_per_tile is None:
-    blocks_per_tile = max(1, 128 // block_size)
+    blocks_per_tile = max(1, 64 // block_size)
   if not is_pow2(blocks_per_tile):
     raise ValueError(f"blocks_per_tile must be a power of two, got {blocks_per_tile}")
   num_tiles = max(1, -(-num_entries // blocks_per_tile))
   if num_splits is None:
     sm = sm_count if sm_count is not None else num_sms()
     want = -(-(programs_per_sm * sm) // batch_heads)
-    num_splits = max(1, min(want, num_tiles // max(1, min_tiles_per_split)))
+    num_splits = max(want, -(-num_tiles // max_tiles_per_split))
   if num_splits < 1:
     raise ValueError(f"num_splits must be >= 1, got {num_splits}")
   num_splits = min(num_splits, num_tiles)
   tiles_per_split = -(-num_tiles // num_splits)
+  if pow2_tiles:
+    tiles_per_split = next_pow2(tiles_per_split)
   num_splits = -(-num_tiles // tiles_per_split)
   return blocks_per_tile, num_splits, tiles_per_split
 
@@ -155,7 +201,7 @@ def decode_launch_config(
 # ----------------------------------------------------------------------------------------------------------------------
 def _sparse_decode_pallas(
     q, k_pool, v_pool, slot_ids, slot_lengths, *, sm_scale, num_splits, blocks_per_tile, num_warps, num_stages,
-    prefetch_ids, interpret,
+    id_source, max_tiles_per_split, kv_prefetch, interpret,
 ):
   batch, kv_heads, group, head_dim = q.shape
   _, _, num_blocks, block_size, _ = k_pool.shape
@@ -165,7 +211,8 @@ def _sparse_decode_pallas(
   if not is_pow2(block_size):
     raise ValueError(f"the Pallas kernel needs a power-of-two block size (S of k_pool), got {block_size}")
   nb, splits, tiles_per_split = decode_launch_config(
-      bh, n, block_size, num_splits=num_splits, blocks_per_tile=blocks_per_tile
+      bh, n, block_size, num_splits=num_splits, blocks_per_tile=blocks_per_tile,
+      max_tiles_per_split=max_tiles_per_split, pow2_tiles=(id_source == "preload"),
   )
   if nb * block_size < 16:
     raise ValueError(f"blocks_per_tile * block_size must be >= 16 (Triton dot), got {nb} * {block_size}")
@@ -176,8 +223,8 @@ def _sparse_decode_pallas(
   gp = max(16, next_pow2(group))
   dp = max(16, next_pow2(head_dim))
   q2 = pad_axis(q.reshape(bh, group, head_dim), 1, gp)
-  k2 = k_pool.reshape(bh, num_blocks, block_size, head_dim)
-  v2 = v_pool.reshape(bh, num_blocks, block_size, head_dim)
+  k2 = k_pool.reshape(bh, num_blocks * block_size, head_dim)
+  v2 = v_pool.reshape(bh, num_blocks * block_size, head_dim)
   if dp != head_dim:  # costs a copy of the pool; only for unusual head sizes
     q2, k2, v2 = (pad_axis(x, x.ndim - 1, dp) for x in (q2, k2, v2))
   ids = pad_axis(slot_ids.reshape(bh, n), 1, total_entries, value=-1).reshape(bh, splits, entries_per_split)
@@ -186,17 +233,20 @@ def _sparse_decode_pallas(
   kernel = functools.partial(
       _sparse_decode_kernel,
       scale_log2=float(sm_scale) * LOG2E,
+      block_size=block_size,
       blocks_per_tile=nb,
       precision=dot_precision(q.dtype),
-      prefetch_ids=prefetch_ids,
+      id_source=id_source,
+      kv_prefetch=kv_prefetch,
   )
+  rows = num_blocks * block_size
   o, m, l = pl.pallas_call(
       kernel,
       grid=(bh, splits),
       in_specs=[
           pl.BlockSpec((None, gp, dp), lambda i, s: (i, 0, 0)),
-          pl.BlockSpec((None, num_blocks, block_size, dp), lambda i, s: (i, 0, 0, 0)),
-          pl.BlockSpec((None, num_blocks, block_size, dp), lambda i, s: (i, 0, 0, 0)),
+          pl.BlockSpec((None, rows, dp), lambda i, s: (i, 0, 0)),
+          pl.BlockSpec((None, rows, dp), lambda i, s: (i, 0, 0)),
           pl.BlockSpec((None, None, entries_per_split), lambda i, s: (i, s, 0)),
           pl.BlockSpec((None, None, entries_per_split), lambda i, s: (i, s, 0)),
       ],
@@ -212,11 +262,11 @@ def _sparse_decode_pallas(
       ],
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
-      name=f"sparse_decode_S{block_size}_nb{nb}_G{gp}_D{dp}",
+      name=f"sparse_decode_S{block_size}_nb{nb}_G{gp}_D{dp}_{id_source}{'_kvpf' if kv_prefetch else ''}",
   )(q2, k2, v2, ids, lens)
 
-  # Merge the splits (log2 domain). A split with no valid token has m = NEG_INF and l = 0, so its weight is 0 unless
-  # no split has anything, in which case the total sum is 0 and the output is 0.
+  # Merge the splits (log2 domain). A split that saw no valid token has m = NEG_INF, so its weight is 0 unless no
+  # split saw anything, in which case the row is zero.
   o = o[:, :, :group, :head_dim]
   m = m[:, :, :group]
   l = l[:, :, :group]
@@ -224,7 +274,8 @@ def _sparse_decode_pallas(
   w = jnp.exp2(m - m_all[:, None])
   l_all = (w * l).sum(axis=1)
   o_all = (w[..., None] * o).sum(axis=1)
-  out = jnp.where(l_all[..., None] > 0, o_all / jnp.where(l_all > 0, l_all, 1.0)[..., None], 0.0)
+  seen = (m_all > 0.5 * NEG_INF) & (l_all > 0)
+  out = jnp.where(seen[..., None], o_all / jnp.where(seen, l_all, 1.0)[..., None], 0.0)
   return out.reshape(batch, kv_heads, group, head_dim).astype(q.dtype)
 
 
@@ -267,7 +318,8 @@ def _reference(q, k_pool, v_pool, slot_ids, slot_lengths, sm_scale):
   n_valid = jnp.where(slot_ids >= 0, jnp.clip(slot_lengths, 0, block_size), 0)
   valid = (jnp.arange(block_size)[None, None, None, :] < n_valid[..., None]).reshape(batch, kv_heads, n * block_size)
 
-  logits = jnp.einsum("bhgd,bhtd->bhgt", q, k, preferred_element_type=jnp.float32) * sm_scale
+  logits = jnp.einsum("bhgd,bhtd->bhgt", q, k, preferred_element_type=jnp.float32,
+                      precision=lax.Precision.HIGHEST) * sm_scale
   logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
   m = logits.max(axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -294,7 +346,8 @@ def sparse_decode_attention_reference(q, k_pool, v_pool, slot_ids, slot_lengths,
 @functools.partial(
     jax.jit,
     static_argnames=[
-        "sm_scale", "implementation", "num_splits", "blocks_per_tile", "num_warps", "num_stages", "prefetch_ids",
+        "sm_scale", "implementation", "num_splits", "blocks_per_tile", "num_warps", "num_stages", "id_source",
+        "max_tiles_per_split", "kv_prefetch",
     ],
 )
 def sparse_decode_attention(
@@ -309,8 +362,10 @@ def sparse_decode_attention(
     num_splits: int | None = None,
     blocks_per_tile: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
-    prefetch_ids: bool = True,
+    num_stages: int = 3,
+    id_source: str = "preload",
+    max_tiles_per_split: int = 32,
+    kv_prefetch: bool = False,
 ):
   """Block-sparse decode attention over a per-(sequence, KV head) pool of KV blocks.
 
@@ -323,8 +378,9 @@ def sparse_decode_attention(
     implementation: "pallas" (Triton kernel, GPU), "pallas_interpret" (same kernel, interpreted, any backend),
       "reference" (plain jnp) or None (= "pallas" when the default backend is a GPU, else "reference").
     num_splits: split-K factor (programs per (b, h) list); default from the SM count and the list length.
-    blocks_per_tile, num_warps, num_stages, prefetch_ids: kernel tuning knobs (default 128 tokens per loop step,
-      4 warps, 2 pipeline stages, slot ids loaded one step ahead).
+    blocks_per_tile, num_warps, num_stages, id_source, max_tiles_per_split: kernel tuning knobs (see
+      decode_launch_config and _sparse_decode_kernel; id_source "preload" loads each program's slot list once,
+      "prefetch" loads it one loop step ahead, "loop" in the step that uses it).
 
   Returns:
     [B, KV, G, D] in q.dtype. Rows whose lists hold no valid token are zeros.
@@ -338,6 +394,6 @@ def sparse_decode_attention(
   return _sparse_decode_pallas(
       q, k_pool, v_pool, slot_ids, slot_lengths,
       sm_scale=sm_scale, num_splits=num_splits, blocks_per_tile=blocks_per_tile,
-      num_warps=num_warps, num_stages=num_stages, prefetch_ids=prefetch_ids,
-      interpret=(impl == "pallas_interpret"),
+      num_warps=num_warps, num_stages=num_stages, id_source=id_source, max_tiles_per_split=max_tiles_per_split,
+      kv_prefetch=kv_prefetch, interpret=(impl == "pallas_interpret"),
   )

@@ -29,11 +29,12 @@ from pallas_kernels._common import (
     check_float,
     check_int32,
     dot_precision,
-    gather_blocks,
+    gather_rows,
     is_pow2,
     next_pow2,
     pad_axis,
     resolve_implementation,
+    select_tile,
 )
 
 __all__ = ["sparse_prefill_attention", "sparse_prefill_attention_reference", "compact_block_ids"]
@@ -46,23 +47,25 @@ _INT32_MAX = 2**31 - 1
 # ----------------------------------------------------------------------------------------------------------------------
 def _sparse_prefill_kernel(
     q_ref,  # [gh, bq, D]
-    k_ref,  # [nKB, S, D]   whole cache of this (b, h)
-    v_ref,  # [nKB, S, D]
+    k_ref,  # [Tk, D]   whole cache of this (b, h)
+    v_ref,  # [Tk, D]
     ids_ref,  # [Np] int32, compacted: valid ids first
     info_ref,  # [4] int32: (count of valid ids, kv_len, q_start, unused)
     o_ref,  # [gh, bq, D]
     *,
     scale_log2: float,
+    block_size: int,
     blocks_per_tile: int,
     precision,
-    prefetch_ids: bool,
+    id_source: str,
 ):
   gh, bq, head_dim = q_ref.shape
-  num_blocks, block_size, _ = k_ref.shape
+  num_blocks = k_ref.shape[0] // block_size
   nb = blocks_per_tile
   tile = nb * block_size
   rows = gh * bq
   qb = pl.program_id(1)
+  max_tiles = ids_ref.shape[0] // nb
 
   count = info_ref[0]
   kv_len = info_ref[1]
@@ -72,43 +75,54 @@ def _sparse_prefill_kernel(
   q_pos = q_start + qb * bq + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) % bq  # [rows, 1]
   token = lax.broadcasted_iota(jnp.int32, (nb, block_size), 1)
 
-  def load_ids(t):
-    return ids_ref[pl.ds(t * nb, nb)]
+  if id_source == "preload":
+    id_table = ids_ref[...].reshape(max_tiles, nb)
+
+    def ids_of(t):
+      return select_tile(id_table, t)
+  elif id_source in ("loop", "prefetch"):
+    def ids_of(t):
+      return ids_ref[pl.ds(t * nb, nb)]
+  else:
+    raise ValueError(f"id_source must be 'preload', 'prefetch' or 'loop', got {id_source!r}")
+  prefetch = id_source == "prefetch"
 
   def body(t, carry):
-    if prefetch_ids:  # ids of step t came from step t - 1; fetch those of t + 1 now (the gathers never wait on them)
+    if prefetch:  # ids of step t came from step t - 1; fetch those of t + 1 now
       acc, m_prev, l_prev, ids = carry
-      nxt = (load_ids(jnp.minimum(t + 1, max_tiles - 1)),)
+      nxt = (ids_of(jnp.minimum(t + 1, max_tiles - 1)),)
     else:
       acc, m_prev, l_prev = carry
-      ids = load_ids(t)
+      ids = ids_of(t)
     present = ids >= 0
     safe_ids = jnp.minimum(jnp.maximum(ids, 0), num_blocks - 1)
-    kv_pos = safe_ids[:, None] * block_size + token  # [nb, S]
-    tok_ok = present[:, None] & (kv_pos < kv_len)
-    k = gather_blocks(k_ref, safe_ids, tok_ok).reshape(tile, head_dim)
-    v = gather_blocks(v_ref, safe_ids, tok_ok).reshape(tile, head_dim)
+    kv_pos = (safe_ids[:, None] * block_size + token).reshape(tile)  # [tile]
+    tok_ok = jnp.broadcast_to(present[:, None], (nb, block_size)).reshape(tile) & (kv_pos < kv_len)
+    k = gather_rows(k_ref, kv_pos, tok_ok)  # [tile, D]
+    v = gather_rows(v_ref, kv_pos, tok_ok)
 
     s = pltriton.dot(q, k, trans_b=True, precision=precision) * scale_log2  # [rows, tile]
-    ok = tok_ok.reshape(1, tile) & (kv_pos.reshape(1, tile) <= q_pos)
+    ok = tok_ok[None, :] & (kv_pos[None, :] <= q_pos)
     s = jnp.where(ok, s, NEG_INF)
     m_next = jnp.maximum(m_prev, s.max(axis=1))
     alpha = jnp.exp2(m_prev - m_next)
-    p = jnp.where(ok, jnp.exp2(s - m_next[:, None]), 0.0)
+    # exp2(NEG_INF - m) = 0 once m is real; junk from rows that have seen nothing yet (m == NEG_INF) is wiped by the
+    # first real m (alpha = 0), and rows that never see anything are zeroed at the end.
+    p = jnp.exp2(s - m_next[:, None])
     l_next = l_prev * alpha + p.sum(axis=1)
     acc = acc * alpha[:, None] + pltriton.dot(p.astype(v.dtype), v, precision=precision)
-    if prefetch_ids:
+    if prefetch:
       return (acc, m_next, l_next) + nxt
     return acc, m_next, l_next
 
   acc = jnp.zeros((rows, head_dim), jnp.float32)
   m_i = jnp.full((rows,), NEG_INF, jnp.float32)
   l_i = jnp.zeros((rows,), jnp.float32)
-  max_tiles = ids_ref.shape[0] // nb
   num_tiles = (count + nb - 1) // nb
-  init = (acc, m_i, l_i) + ((load_ids(0),) if prefetch_ids else ())
+  init = (acc, m_i, l_i) + ((ids_of(0),) if prefetch else ())
   acc, m_i, l_i = lax.fori_loop(0, num_tiles, body, init)[:3]
-  out = jnp.where(l_i[:, None] > 0, acc / jnp.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+  seen = (m_i > 0.5 * NEG_INF) & (l_i > 0)
+  out = jnp.where(seen[:, None], acc / jnp.where(seen, l_i, 1.0)[:, None], 0.0)
   o_ref[...] = out.reshape(gh, bq, head_dim).astype(o_ref.dtype)
 
 
@@ -146,7 +160,7 @@ def _default_heads_per_program(group: int, block_q: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 def _sparse_prefill_pallas(
     q, k, v, block_ids, kv_len, q_start, *, block_size, sm_scale, heads_per_program, blocks_per_tile, num_warps,
-    num_stages, prefetch_ids, interpret,
+    num_stages, id_source, interpret,
 ):
   batch, kv_heads, group, tq, head_dim = q.shape
   tk = k.shape[2]
@@ -159,7 +173,9 @@ def _sparse_prefill_pallas(
   gh = heads_per_program if heads_per_program is not None else _default_heads_per_program(group, block_size)
   if group % gh or not is_pow2(gh):
     raise ValueError(f"heads_per_program must be a power of two dividing G={group}, got {gh}")
-  nb = blocks_per_tile if blocks_per_tile is not None else 1
+  if gh * block_size < 16:
+    raise ValueError(f"heads_per_program * block_size must be >= 16 (Triton dot), got {gh} * {block_size}")
+  nb = blocks_per_tile if blocks_per_tile is not None else max(1, 64 // block_size)
   if not is_pow2(nb) or nb * block_size < 16:
     raise ValueError(f"blocks_per_tile must be a power of two with blocks_per_tile * block_size >= 16, got {nb}")
 
@@ -167,6 +183,8 @@ def _sparse_prefill_pallas(
     num_warps = 8 if gh * block_size * head_dim >= 128 * 128 else 4
   ids, counts = compact_block_ids(block_ids, kv_len, q_start, block_size)
   n_pad = -(-n // nb) * nb
+  if id_source == "preload":  # the whole list is loaded as one tensor: power-of-two length
+    n_pad = next_pow2(n_pad)
   ids = pad_axis(ids.reshape(bh, nqb, n), 2, n_pad, value=-1)
   info = jnp.stack(
       [
@@ -180,25 +198,26 @@ def _sparse_prefill_pallas(
 
   dp = max(16, next_pow2(head_dim))
   q2 = q.reshape(bh, group, tq, head_dim)
-  k2 = k.reshape(bh, nkb, block_size, head_dim)
-  v2 = v.reshape(bh, nkb, block_size, head_dim)
+  k2 = k.reshape(bh, tk, head_dim)
+  v2 = v.reshape(bh, tk, head_dim)
   if dp != head_dim:  # costs a copy of the cache; only for unusual head sizes
     q2, k2, v2 = (pad_axis(x, x.ndim - 1, dp) for x in (q2, k2, v2))
 
   kernel = functools.partial(
       _sparse_prefill_kernel,
       scale_log2=float(sm_scale) * LOG2E,
+      block_size=block_size,
       blocks_per_tile=nb,
       precision=dot_precision(q.dtype),
-      prefetch_ids=prefetch_ids,
+      id_source=id_source,
   )
   out = pl.pallas_call(
       kernel,
       grid=(bh, nqb, group // gh),
       in_specs=[
           pl.BlockSpec((None, gh, block_size, dp), lambda i, j, h: (i, h, j, 0)),
-          pl.BlockSpec((None, nkb, block_size, dp), lambda i, j, h: (i, 0, 0, 0)),
-          pl.BlockSpec((None, nkb, block_size, dp), lambda i, j, h: (i, 0, 0, 0)),
+          pl.BlockSpec((None, tk, dp), lambda i, j, h: (i, 0, 0)),
+          pl.BlockSpec((None, tk, dp), lambda i, j, h: (i, 0, 0)),
           pl.BlockSpec((None, None, n_pad), lambda i, j, h: (i, j, 0)),
           pl.BlockSpec((None, None, 4), lambda i, j, h: (i, j, 0)),
       ],
@@ -266,7 +285,8 @@ def _reference(q, k, v, block_ids, kv_len, q_start, block_size, sm_scale):
   visible = (kv_pos[None, :] <= q_pos[:, None])[None, None] & (kv_pos[None, None, None, :] < kv_len[:, None, None, None])
   mask = (listed_tok & visible)[:, :, None]  # [B, KV, 1, Tq, Tk]
 
-  logits = jnp.einsum("bhgqd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32) * sm_scale
+  logits = jnp.einsum("bhgqd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32,
+                      precision=lax.Precision.HIGHEST) * sm_scale
   logits = jnp.where(mask, logits, -jnp.inf)
   m = logits.max(axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -294,7 +314,7 @@ def sparse_prefill_attention_reference(q, k, v, block_ids, kv_len, *, q_start=0,
     jax.jit,
     static_argnames=[
         "sm_scale", "implementation", "block_size", "heads_per_program", "blocks_per_tile", "num_warps", "num_stages",
-        "prefetch_ids",
+        "id_source",
     ],
 )
 def sparse_prefill_attention(
@@ -311,8 +331,8 @@ def sparse_prefill_attention(
     heads_per_program: int | None = None,
     blocks_per_tile: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
-    prefetch_ids: bool = True,
+    num_stages: int = 3,
+    id_source: str = "prefetch",
 ):
   """Block-sparse causal prefill attention.
 
@@ -326,7 +346,7 @@ def sparse_prefill_attention(
     sm_scale: default 1/sqrt(D).
     implementation: "pallas", "pallas_interpret", "reference" or None (= "pallas" on GPU, else "reference").
     block_size: tokens per query and KV block (64 in the model).
-    heads_per_program, blocks_per_tile, num_warps, num_stages, prefetch_ids: kernel tuning knobs (default: 128 query
+    heads_per_program, blocks_per_tile, num_warps, num_stages, id_source: kernel tuning knobs (default: 128 query
       rows per program when G allows, 1 KV block per loop step, 8 warps for 128x128 tiles (else 4), 2 stages, ids loaded one step ahead).
 
   Returns:
@@ -342,6 +362,6 @@ def sparse_prefill_attention(
   return _sparse_prefill_pallas(
       q, k, v, block_ids, kv_len, q_start,
       block_size=block_size, sm_scale=sm_scale, heads_per_program=heads_per_program,
-      blocks_per_tile=blocks_per_tile, num_warps=num_warps, num_stages=num_stages, prefetch_ids=prefetch_ids,
+      blocks_per_tile=blocks_per_tile, num_warps=num_warps, num_stages=num_stages, id_source=id_source,
       interpret=(impl == "pallas_interpret"),
   )
