@@ -220,7 +220,7 @@ class Transformer(nnx.Module):
         start = cache.lengths if decode else jnp.broadcast_to(cache.lengths[0], (b,))
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
         kv_len = start + lengths
-        query_block = positions[:, ::bs] // bs if not decode else positions // bs  # [B, T/bs] or [B, 1]
+        num_queries = 1 if decode else t // bs  # prefill shares one block list per query block
         num_blocks = cache.max_len // bs
 
         inv_freq = rope_frequencies(c)  # numpy at trace time: a compile-time constant
@@ -240,7 +240,7 @@ class Transformer(nnx.Module):
                 selector_query = layer.attn.selector_query(layer.attn.q_select, h, positions, inv_freq)
             if mode == "dense":
                 block_ids = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32),
-                                             (b, c.num_kv_heads, query_block.shape[1], num_blocks))
+                                             (b, c.num_kv_heads, num_queries, num_blocks))
             else:
                 if mode == "sparse":
                     scores = selection.query_selector_scores(q, kc, positions, sparse)
@@ -248,10 +248,8 @@ class Transformer(nnx.Module):
                     scores = selection.forecast_scores(selector_query, kc, positions, sparse)
                 else:
                     raise ValueError(f"unknown attention mode {mode!r}")
-                token_scores = selection.block_scores(scores, num_blocks, sparse)  # [B, KV, T, NB]
-                if not decode:
-                    token_scores = selection.pool_query_blocks(token_scores, bs)
-                block_ids = selection.select_blocks(token_scores, query_block[:, None, :], sparse)
+                block_ids = selection.select_for_queries(scores, positions, num_blocks, sparse,
+                                                         per_query_block=not decode)
 
             if decode:
                 ids = block_ids[:, :, 0]

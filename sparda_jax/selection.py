@@ -119,3 +119,20 @@ def pool_query_blocks(token_block_scores: jax.Array, query_block_size: int) -> j
     """Prefill shares one selection per query block: [..., T, NB] -> [..., T/query_block_size, NB] by max."""
     *lead, t, nb = token_block_scores.shape
     return token_block_scores.reshape(*lead, t // query_block_size, query_block_size, nb).max(axis=-2)
+
+
+def select_for_queries(scores: jax.Array, positions: jax.Array, num_blocks: int, cfg: SparseConfig, *,
+                       per_query_block: bool) -> jax.Array:
+    """Selector scores [B, KV, T, C] -> block ids [B, KV, T', k].
+
+    Decode selects per token (T' = T); prefill shares one selection per 64-token query block (T' = T / block_size,
+    positions block-aligned), scoring each block by its best token.
+    """
+    token_scores = block_scores(scores, num_blocks, cfg)
+    bs = cfg.block_size
+    if per_query_block:
+        token_scores = pool_query_blocks(token_scores, bs)
+        query_block = positions[:, ::bs] // bs
+    else:
+        query_block = positions // bs
+    return select_blocks(token_scores, query_block[:, None, :], cfg)
