@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import datetime
 import json
 import os
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
 import numpy as np  # noqa: E402
 
@@ -263,6 +264,7 @@ def main():
     p.add_argument("--hf-peer", type=int, default=32768, help="HF offloaded-cache peer context (0 = skip)")
     p.add_argument("--hf-only", action="store_true", help="only the HF peer (run it in its own process: JAX "
                    "holds the GPU memory otherwise)")
+    p.add_argument("--dense", action="store_true", help="also dense attention at batch 1, first context")
     p.add_argument("--quick", action="store_true", help="fewer configurations (fits one 10-minute call)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_results/engine"))
     a = p.parse_args()
@@ -332,7 +334,7 @@ def main():
                              ("offload", "sparda-offload", b, "host-gather", 4 * a.top_k_blocks)]
             if b_res >= 1 and b_res not in [x[2] for x in plan]:
                 plan += [("resident", "sparse", b_res, "", 0)]
-            if ctx == contexts[0]:
+            if ctx == contexts[0] and a.dense:
                 plan.append(("resident", "dense", 1, "", 0))
             if a.quick:
                 plan = [x for x in plan if x[2] in (1, b_off, b_res) or x[2] == batches[-1]]
@@ -350,6 +352,7 @@ def main():
                 except Exception as e:  # OOM and the like: record and go on
                     r = Run(shape, mode, ctx, b, transfer, slots, error=f"{type(e).__name__}: {e}"[:400])
                 result["runs"].append(dataclasses.asdict(r))
+                gc.collect()
                 log(f"{mode:15s} {transfer:11s} slots {slots:4d} ctx {ctx} B {b:3d}: {r.tok_s:9.1f} tok/s "
                     f"step {r.step_s * 1e3:8.2f} ms hit {r.hit_rate:.3f} miss/step {r.misses_per_step:7.1f} "
                     f"{r.mb_per_step:7.1f} MB copy {r.copy_s_per_step * 1e3:6.2f} ms wait {r.wait_s_per_step * 1e3:6.2f}"

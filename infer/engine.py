@@ -53,7 +53,7 @@ def _front(graphdef, state, x, positions, kc_own, kc_next, selector: str, first:
            sparse: SparseConfig):
     """Layer input -> q, k, v; this layer's own selection (query selector, or layer 0's q_select); and, for the
     Forecast, the selection of the next layer (computed here, one layer early)."""
-    block = nnx.merge(graphdef, state)
+    block = nnx.merge(graphdef.value if isinstance(graphdef, _Static) else graphdef, state)
     inv_freq = rope_frequencies(block.attn.config)
     h, q, k, v = block.attention_inputs(x, positions, inv_freq)
     own = nxt = None
@@ -73,21 +73,23 @@ def _front(graphdef, state, x, positions, kc_own, kc_next, selector: str, first:
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
-def _scatter(pool_k, pool_v, staged, dst_b, dst_g, dst_s):
+def _scatter(pool_k, pool_v, staged, dst):
     """Fetched rows [M, 2*S*D] into their slots; padding rows (dst_b out of range) are dropped. Its own small jit,
     so each miss-count bucket recompiles only this."""
     _, _, _, s, d = pool_k.shape
+    dst_b, dst_g, dst_s = dst[0], dst[1], dst[2]
     rows = staged.reshape(-1, 2, s, d).astype(pool_k.dtype)
     pool_k = pool_k.at[dst_b, dst_g, dst_s].set(rows[:, 0], mode="drop")
     pool_v = pool_v.at[dst_b, dst_g, dst_s].set(rows[:, 1], mode="drop")
     return pool_k, pool_v
 
 
-@functools.partial(jax.jit, static_argnums=(0, 12), donate_argnums=(6, 7, 8))
-def _back(graphdef, state, x, q, k, v, pool_k, pool_v, kc, slot_ids, slot_lengths, positions, sparse: SparseConfig):
+@functools.partial(jax.jit, static_argnums=(0, 11), donate_argnums=(6, 7, 8))
+def _back(graphdef, state, x, q, k, v, pool_k, pool_v, kc, slots, positions, sparse: SparseConfig):
     """Append the new token to its tail slot, refresh the compressed key it completes, attend over the listed
     slots, then the residual + MLP."""
-    block = nnx.merge(graphdef, state)
+    block = nnx.merge(graphdef.value if isinstance(graphdef, _Static) else graphdef, state)
+    slot_ids, slot_lengths = slots[0], slots[1]  # one host->device copy for both
     b, kvh, pslots, s, d = pool_k.shape
     cache_slots = pslots - 2
     pos = positions[:, 0]
@@ -114,7 +116,7 @@ def _back(graphdef, state, x, q, k, v, pool_k, pool_v, kc, slot_ids, slot_length
 def _prefill_layer_chunk(graphdef, state, x, positions, k_buf, v_buf, sel_q, kv_len, start, selector: str,
                          sparse: SparseConfig):
     """One prefill chunk of one layer against that layer's device KV buffer [B, KV, T, D] (as the model's prefill)."""
-    block = nnx.merge(graphdef, state)
+    block = nnx.merge(graphdef.value if isinstance(graphdef, _Static) else graphdef, state)
     inv_freq = rope_frequencies(block.attn.config)
     bs = sparse.block_size
     h, q, k, v = block.attention_inputs(x, positions, inv_freq)
@@ -141,19 +143,45 @@ def _prefill_layer_chunk(graphdef, state, x, positions, k_buf, v_buf, sel_q, kv_
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _embed(graphdef, state, tokens):
-    return nnx.merge(graphdef, state).embed[...][tokens]
+    return nnx.merge(graphdef.value, state).embed[...][tokens]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _logits(graphdef, state, x):
-    return nnx.merge(graphdef, state).logits(x)
+    return nnx.merge(graphdef.value, state).logits(x)
 
 
 def _split_top(model: Transformer):
     """The model without its layers (embedding, final norm, head), so per-step calls do not flatten 32 layers."""
     shell = copy.copy(model)  # shares the Variables; only the layer list differs
     shell.layers = nnx.List([])
-    return nnx.split(shell)
+    graphdef, state = nnx.split(shell)
+    return _Static(graphdef), state
+
+
+class _Static:
+    """A static jit argument hashed by identity: avoids re-hashing an NNX GraphDef on every per-layer call."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other
+
+
+def _dedupe_graphdefs(splits):
+    unique: list = []
+    out = []
+    for gd, st in splits:
+        match = next((u for u in unique if u.value == gd), None)
+        if match is None:
+            match = _Static(gd)
+            unique.append(match)
+        out.append((match, st))
+    return out
 
 
 class OffloadEngine:
@@ -194,7 +222,7 @@ class OffloadEngine:
         else:
             self.store = HostKVStore(c.num_layers, batch, c.num_kv_heads, max_len, bs, c.head_dim, model.dtype,
                                      host_memory_gb=host_memory_gb, pin=pin)
-        self.layers = [nnx.split(layer) for layer in model.layers]
+        self.layers = _dedupe_graphdefs([nnx.split(layer) for layer in model.layers])
         self.top = _split_top(model)
         self.maps = [SlotMap(batch, c.num_kv_heads, self.num_blocks, self.cache_slots, bs) for _ in range(c.num_layers)]
         pool_shape = (batch, c.num_kv_heads, self.cache_slots + 2, bs, c.head_dim)
@@ -306,7 +334,7 @@ class OffloadEngine:
         dst = np.zeros((3, mp), np.int32)
         dst[0] = self.batch  # padding rows land out of range and are dropped
         dst[0, :m], dst[1, :m], dst[2, :m] = plan.miss_b, plan.miss_kv, plan.miss_slot
-        return jnp.asarray(dst[0]), jnp.asarray(dst[1]), jnp.asarray(dst[2])
+        return jnp.asarray(dst)
 
     def decode(self, tokens: np.ndarray) -> jax.Array:
         """One token per sequence, appended at each sequence's own length. Returns logits [B, V]."""
@@ -340,10 +368,10 @@ class OffloadEngine:
             step.layers.append(ls)
             if staged is not None:
                 self.pool_k[layer], self.pool_v[layer] = _scatter(self.pool_k[layer], self.pool_v[layer], staged,
-                                                                  *self._device_plan(plan, staged))
+                                                                  self._device_plan(plan, staged))
             x, self.pool_k[layer], self.pool_v[layer], self.kc[layer] = _back(
                 gd, st, x, q, k, v, self.pool_k[layer], self.pool_v[layer], self.kc[layer],
-                jnp.asarray(plan.slot_ids), jnp.asarray(plan.slot_lengths), positions, self.sparse)
+                jnp.asarray(np.stack([plan.slot_ids, plan.slot_lengths])), positions, self.sparse)
             if nxt is not None:  # Forecast: layer+1's misses start moving now, while this layer computes
                 plan_n, rows_n = self._plan_rows(layer + 1, self._ids(nxt, layer + 1, positions_np), positions_np)
                 pending = (plan_n, self.fetcher.submit(layer + 1, rows_n))

@@ -193,7 +193,9 @@ class ZeroCopyFetcher:
                 t = store.torch_layer(layer)
                 x = jax.dlpack.from_dlpack(t)
                 self._host.append(x.view(jnp.dtype(store.dtype)).reshape(-1, store.row_elems))
-        self._fn = jax.jit(lambda src, ids: gather_rows(src, ids, interpret=not self.on_gpu))
+        # The result must live in device memory (XLA otherwise keeps a host operand's consumer on the host side).
+        out = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device") if self.on_gpu else None
+        self._fn = jax.jit(lambda src, ids: gather_rows(src, ids, interpret=not self.on_gpu), out_shardings=out)
         self.closed = False
 
     def fetch(self, layer: int, rows: np.ndarray):
