@@ -44,8 +44,7 @@ SelectionOverride = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 
 def _decode_select(scores, positions, num_blocks, sparse: SparseConfig):
     """scores [B, KV, 1, C] of one decode token -> block ids [B, KV, k] (as in `Transformer.__call__`)."""
-    token_scores = selection.block_scores(scores, num_blocks, sparse)
-    return selection.select_blocks(token_scores, (positions // sparse.block_size)[:, None, :], sparse)[:, :, 0]
+    return selection.select_for_queries(scores, positions, num_blocks, sparse, per_query_block=False)[:, :, 0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
@@ -126,15 +125,13 @@ def _prefill_layer_chunk(graphdef, state, x, positions, k_buf, v_buf, sel_q, kv_
     if kc.shape[2] == 0:
         kc = jnp.zeros((*k_buf.shape[:2], 1, k_buf.shape[3]), k_buf.dtype)
     num_blocks = k_buf.shape[2] // bs
-    query_block = positions[:, ::bs] // bs
     if selector == "sparse":
         scores = selection.query_selector_scores(q, kc, positions, sparse)
     else:
         if sel_q is None:  # layer 0 selects its own blocks with q_select
             sel_q = block.attn.selector_query(block.attn.q_select, h, positions, inv_freq)
         scores = selection.forecast_scores(sel_q, kc, positions, sparse)
-    token_scores = selection.pool_query_blocks(selection.block_scores(scores, num_blocks, sparse), bs)
-    block_ids = selection.select_blocks(token_scores, query_block[:, None, :], sparse)
+    block_ids = selection.select_for_queries(scores, positions, num_blocks, sparse, per_query_block=True)
     attn = sparse_prefill_attention(q, k_buf, v_buf, block_ids, kv_len, q_start=start)
     x = block.finish(x, attn)
     f = block.attn.selector_query(block.attn.forecast, h, positions, inv_freq) if selector == "sparda" else None
