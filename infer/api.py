@@ -7,7 +7,6 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from infer.engine import make_engine
