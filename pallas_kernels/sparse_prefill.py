@@ -6,9 +6,10 @@ inside every listed block (so the diagonal block works) and positions >= kv_len[
 
 Layout of the kernel (flash attention, one pass, online softmax):
   * grid = (B*KV, Tq/block_size, G/heads_per_program). A program owns `heads_per_program` query heads x one query
-    block; those rows form the M dimension of both dots (128 rows for 2 heads of 64 queries), so each gathered K/V tile
-    feeds several heads.
-  * The whole KV cache of (b, h) is one block (a base pointer); listed KV blocks are read with masked gathers.
+    block; those rows are the M dimension of both dots. Default 1 head (64 rows): on the H100, 2 heads per program
+    (128 rows, each gathered K/V tile feeding both) measured slower (bench_results/kernels/).
+  * The whole KV cache of (b, h) is one block (a base pointer); listed KV blocks are read with masked row gathers
+    (`k_ref.at[rows, cols]`), 64 tokens per loop step, software-pipelined by Triton (num_stages).
   * Before the call the lists are compacted in plain JAX (valid ids first, ascending; ids past the causal diagonal or
     past kv_len dropped), and each program loops only over its own count of valid entries.
 """
@@ -147,10 +148,10 @@ def compact_block_ids(block_ids, kv_len, q_start, block_size):
 
 
 def _default_heads_per_program(group: int, block_q: int) -> int:
-  # Aim for 128 rows in the M dimension when the group allows it.
-  target = max(1, 128 // block_q)
+  # One head per program (measured fastest on the H100 at block 64: bench_results/kernels/); more only when needed
+  # to give the dots the 16 rows Triton requires.
   h = 1
-  while h * 2 <= target and group % (h * 2) == 0:
+  while h * block_q < 16 and group % (h * 2) == 0:
     h *= 2
   return h
 
@@ -179,8 +180,6 @@ def _sparse_prefill_pallas(
   if not is_pow2(nb) or nb * block_size < 16:
     raise ValueError(f"blocks_per_tile must be a power of two with blocks_per_tile * block_size >= 16, got {nb}")
 
-  if num_warps is None:
-    num_warps = 8 if gh * block_size * head_dim >= 128 * 128 else 4
   ids, counts = compact_block_ids(block_ids, kv_len, q_start, block_size)
   n_pad = -(-n // nb) * nb
   if id_source == "preload":  # the whole list is loaded as one tensor: power-of-two length
@@ -330,7 +329,7 @@ def sparse_prefill_attention(
     block_size: int = 64,
     heads_per_program: int | None = None,
     blocks_per_tile: int | None = None,
-    num_warps: int | None = None,
+    num_warps: int = 4,
     num_stages: int = 3,
     id_source: str = "prefetch",
 ):
@@ -346,8 +345,9 @@ def sparse_prefill_attention(
     sm_scale: default 1/sqrt(D).
     implementation: "pallas", "pallas_interpret", "reference" or None (= "pallas" on GPU, else "reference").
     block_size: tokens per query and KV block (64 in the model).
-    heads_per_program, blocks_per_tile, num_warps, num_stages, id_source: kernel tuning knobs (default: 128 query
-      rows per program when G allows, 1 KV block per loop step, 8 warps for 128x128 tiles (else 4), 2 stages, ids loaded one step ahead).
+    heads_per_program, blocks_per_tile, num_warps, num_stages, id_source: kernel tuning knobs (defaults, the fastest
+      measured on an H100: one query head per program (64 rows), 64 KV tokens per loop step, 4 warps, 3 pipeline
+      stages, block ids loaded one loop step ahead).
 
   Returns:
     [B, KV, G, Tq, D] in q.dtype; rows that see no valid token are zeros.
