@@ -76,6 +76,7 @@ class Run:
     wait_s_per_step: float = 0.0
     pcie_gbps: float = float("nan")
     hidden_fraction: float = float("nan")
+    variant: str = ""  # zero-copy: "" (compute stream), "stream" (gpu_stream:1), "nofetch" (fills skipped; timing)
     error: str = ""
 
 
@@ -90,16 +91,25 @@ def time_engine(engine, batch: int, warmup: int, steps: int) -> tuple[float, lis
     return float(np.median([s.seconds for s in st])), st
 
 
-def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfer, cache_slots, warmup, steps):
+def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfer, cache_slots, warmup, steps,
+                variant=""):
     from infer.engine import OffloadEngine
-    from infer.locality import ReplaySelector
+    from infer.fused import FusedOffloadEngine
+    from infer.locality import ReplaySelector, device_replay
 
     c = model.config
-    replay = ReplaySelector(locality["modes"]["sparse-offload" if mode == "sparse-offload" else "sparda-offload"],
-                            c.num_layers, batch, c.num_kv_heads, sparse.top_k_blocks, sparse.local_blocks)
-    r = Run(shape, mode, ctx, batch, transfer, cache_slots)
-    with OffloadEngine(model, sparse, mode=mode, batch=batch, max_len=store.num_blocks * 64, cache_slots=cache_slots,
-                       transfer=transfer, store=store, selection_override=replay, gather_threads=12) as eng:
+    stats = locality["modes"]["sparse-offload" if mode == "sparse-offload" else "sparda-offload"]
+    r = Run(shape, mode, ctx, batch, transfer, cache_slots, variant=variant)
+    kw = dict(mode=mode, batch=batch, max_len=store.num_blocks * 64, cache_slots=cache_slots, store=store)
+    if transfer == "zero-copy":
+        hook, hstate = device_replay(stats, c.num_layers, batch, c.num_kv_heads, sparse.top_k_blocks,
+                                     sparse.local_blocks, ctx)
+        eng = FusedOffloadEngine(model, sparse, selection_hook=hook, hook_state=hstate, stream=variant == "stream",
+                                 fetch=variant != "nofetch", **kw)
+    else:
+        replay = ReplaySelector(stats, c.num_layers, batch, c.num_kv_heads, sparse.top_k_blocks, sparse.local_blocks)
+        eng = OffloadEngine(model, sparse, transfer=transfer, selection_override=replay, gather_threads=12, **kw)
+    with eng:
         eng.fill_synthetic(ctx, fill_store=False)
         r.cache_slots = eng.cache_slots
         r.step_s, st = time_engine(eng, batch, warmup, steps)
@@ -114,7 +124,50 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
     if r.copy_s_per_step > 0 and transfer == "host-gather":
         r.pcie_gbps = r.mb_per_step / 1e3 / r.copy_s_per_step
         r.hidden_fraction = max(0.0, 1 - r.wait_s_per_step / r.copy_s_per_step)
+    del eng
     return r
+
+
+def fill_probe(out: dict) -> None:
+    """The zero-copy fill kernel alone (pinned_host store -> device pool, in a jit): correctness and GB/s."""
+    import jax
+    import jax.numpy as jnp
+
+    from infer.host_store import HostKVStore
+    from infer.zero_copy import fill_slots, host_arrays
+
+    store = HostKVStore(1, 8, 8, 32768, 64, 128, jnp.bfloat16)  # 1 layer, 32 KiB rows
+    store.fill()
+    store.data[0, 0, 0, :4] = np.arange(4 * 2 * 64 * 128).reshape(4, 2, 64, 128).astype(store.dtype)
+    host = host_arrays(store)[0]
+    res = {"store_pinned": store.pinned, "host_memory_kind": str(getattr(host.sharding, "memory_kind", "?"))}
+    rng = np.random.default_rng(0)
+    p = 1024
+    pool_shape = (1, 1, p, 64, 128)
+    f = jax.jit(fill_slots, donate_argnums=(3, 4))
+    for n in (64, 256, 1024):
+        try:
+            src = np.full(2 * n, -1, np.int32)  # half the entries masked (-1), as in a real step
+            src[::2] = rng.choice(store.flat(0).shape[0], n, replace=False)
+            src[0] = 2  # a row written just above: checks that the kernel sees host writes
+            dst = np.full(2 * n, -1, np.int32)
+            dst[::2] = rng.choice(p, n, replace=False)
+            pk, pv = jnp.zeros(pool_shape, jnp.bfloat16), jnp.zeros(pool_shape, jnp.bfloat16)
+            pk, pv = f(host, jnp.asarray(src), jnp.asarray(dst), pk, pv)
+            got = np.concatenate([np.asarray(pk).reshape(p, -1), np.asarray(pv).reshape(p, -1)], axis=1)
+            ok = np.array_equal(got[dst[::2]].view(np.uint16), store.flat(0)[src[::2]].view(np.uint16))
+            ts = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                pk, pv = f(host, jnp.asarray(src), jnp.asarray(dst), pk, pv)
+                pk.block_until_ready()
+                ts.append(time.perf_counter() - t0)
+            mb = n * store.row_elems * 2 / 1e6
+            res[f"fill_{n}rows"] = dict(mb=mb, correct=bool(ok), gbps=mb / 1e3 / float(np.median(ts)))
+        except Exception as e:
+            res[f"fill_{n}rows"] = {"error": f"{type(e).__name__}: {e}"[:600]}
+        log("fill probe", n, res.get(f"fill_{n}rows"))
+    out["fill_probe"] = res
 
 
 def resident_run(model, sparse, shape, mode, ctx, batch, warmup, steps):
@@ -144,12 +197,12 @@ def prefill_run(model, sparse, shape, mode, ctx):
 
 
 def transfer_probe(out: dict) -> None:
-    """Raw H2D paths: staging device_put (jax pinned_host vs torch pinned via DLPack), threaded gather, zero-copy."""
+    """Raw H2D paths of host-gather: staging device_put (jax pinned_host vs torch pinned via DLPack), threaded gather."""
     import jax
     import jax.numpy as jnp
 
     from infer.host_store import HostKVStore
-    from infer.transfer import HostGatherFetcher, ZeroCopyFetcher
+    from infer.transfer import HostGatherFetcher
 
     store = HostKVStore(1, 8, 8, 32768, 64, 128, jnp.bfloat16)  # 1 layer, 4096 rows/seq-head, 32 KiB rows
     store.fill()
@@ -175,19 +228,6 @@ def transfer_probe(out: dict) -> None:
                     f.close()
                 except Exception as e:
                     res[f"gather_{kind}_{threads}t_{n}rows"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        try:
-            z = ZeroCopyFetcher(store)
-            o, _ = z.fetch(0, rows)
-            ok = np.array_equal(np.asarray(o[:n]).view(np.uint16), store.flat(0)[rows].view(np.uint16))
-            ts = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                o, _ = z.fetch(0, rows)
-                o.block_until_ready()
-                ts.append(time.perf_counter() - t0)
-            res[f"zero_copy_{n}rows"] = dict(mb=mb, correct=bool(ok), gbps=mb / 1e3 / float(np.median(ts)))
-        except Exception as e:
-            res[f"zero_copy_{n}rows"] = {"error": f"{type(e).__name__}: {e}"[:300]}
         log("probe", n, {k: v for k, v in res.items() if k.endswith(f"_{n}rows")})
     out["transfer_probe"] = res
 
@@ -268,6 +308,15 @@ def main():
                    "holds the GPU memory otherwise)")
     p.add_argument("--dense", action="store_true", help="also dense attention at batch 1, first context")
     p.add_argument("--quick", action="store_true", help="fewer configurations (fits one 10-minute call)")
+    p.add_argument("--transfers", default="zero-copy,host-gather")
+    p.add_argument("--variants", default="nofetch,stream", help="zero-copy variants run at --extra-batches")
+    p.add_argument("--extra-batches", default="", help="batches that also get the variants / 4k-slot cache "
+                   "(default: 1 and the last of --batches)")
+    p.add_argument("--cache4k", action="store_true", help="also sparda-offload with a 4k-slot LRU cache")
+    p.add_argument("--cache4k-max-rows", type=int, default=64, help="4k-slot cache only where B*KV <= this")
+    p.add_argument("--fill-probe", action="store_true", help="zero-copy fill kernel probe first")
+    p.add_argument("--shape-budgets", default="", help="seconds per shape, comma-separated (default: all to the "
+                   "first)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_results/engine"))
     a = p.parse_args()
 
@@ -295,15 +344,22 @@ def main():
     def save():
         path.write_text(json.dumps(result, indent=1))
 
-    def left():
-        return a.budget_s - (time.time() - T0)
+    shape_deadline = [T0 + a.budget_s]
 
+    def left():
+        return min(a.budget_s - (time.time() - T0), shape_deadline[0] - time.time())
+
+    if a.fill_probe:
+        fill_probe(result)
+        save()
     if a.probe:
         transfer_probe(result)
         save()
     contexts = [int(x) for x in a.contexts.split(",")]
     batches = [int(x) for x in a.batches.split(",")]
-    for shape in a.shapes.split(","):
+    shape_budgets = [float(x) for x in a.shape_budgets.split(",")] if a.shape_budgets else []
+    for si, shape in enumerate(a.shapes.split(",")):
+        shape_deadline[0] = (time.time() + shape_budgets[si]) if si < len(shape_budgets) else T0 + a.budget_s
         model = random_model(shape, jnp.bfloat16)
         c = model.config
         weights_free = device_free_bytes()
@@ -328,21 +384,26 @@ def main():
             store.fill()
             log(f"store {store.nbytes / 1e9:.1f} GB pinned={store.pinned} in {time.time() - t_alloc:.1f}s")
             plan = []
+            transfers = a.transfers.split(",")
+            extra = [int(x) for x in a.extra_batches.split(",")] if a.extra_batches else [1, batches[-1]]
             for b in sorted(set([x for x in batches if x <= b_off] + [b_off])):
                 if b <= b_res:
-                    plan += [("resident", "sparse", b, "", 0), ("resident", "sparda", b, "", 0)]
-                plan += [("offload", "sparse-offload", b, "host-gather", 0),
-                         ("offload", "sparda-offload", b, "host-gather", 0)]
-                if b == 1 or b == batches[-1]:
-                    plan += [("offload", "sparda-offload", b, "zero-copy", 0),
-                             ("offload", "sparda-offload", b, "host-gather", 4 * a.top_k_blocks)]
+                    plan += [("resident", "sparse", b, "", 0, ""), ("resident", "sparda", b, "", 0, "")]
+                for tr in transfers:
+                    plan += [("offload", "sparse-offload", b, tr, 0, ""), ("offload", "sparda-offload", b, tr, 0, "")]
+                if b in extra:
+                    for tr in transfers:
+                        if a.cache4k and b * c.num_kv_heads <= a.cache4k_max_rows:
+                            plan.append(("offload", "sparda-offload", b, tr, 4 * a.top_k_blocks, ""))
+                    if "zero-copy" in transfers:
+                        plan += [("offload", "sparda-offload", b, "zero-copy", 0, v) for v in a.variants.split(",") if v]
             if b_res >= 1 and b_res not in [x[2] for x in plan]:
-                plan += [("resident", "sparse", b_res, "", 0)]
+                plan += [("resident", "sparse", b_res, "", 0, ""), ("resident", "sparda", b_res, "", 0, "")]
             if ctx == contexts[0] and a.dense:
-                plan.append(("resident", "dense", 1, "", 0))
+                plan.append(("resident", "dense", 1, "", 0, ""))
             if a.quick:
                 plan = [x for x in plan if x[2] in (1, b_off, b_res) or x[2] == batches[-1]]
-            for kind, mode, b, transfer, slots in plan:
+            for kind, mode, b, transfer, slots, variant in plan:
                 if left() < 45:
                     log("budget spent; stopping")
                     break
@@ -352,12 +413,13 @@ def main():
                         r = resident_run(model, sparse, shape, mode, ctx, b, a.warmup, a.steps)
                     else:
                         r = offload_run(model, sparse, shape, mode, ctx, b, store, locality, transfer, slots or None,
-                                        a.warmup, a.steps)
+                                        a.warmup, a.steps, variant)
                 except Exception as e:  # OOM and the like: record and go on
-                    r = Run(shape, mode, ctx, b, transfer, slots, error=f"{type(e).__name__}: {e}"[:400])
+                    r = Run(shape, mode, ctx, b, transfer, slots, variant=variant,
+                            error=f"{type(e).__name__}: {e}"[:400])
                 result["runs"].append(dataclasses.asdict(r))
                 gc.collect()
-                log(f"{mode:15s} {transfer:11s} slots {slots:4d} ctx {ctx} B {b:3d}: {r.tok_s:9.1f} tok/s "
+                log(f"{mode:15s} {transfer:11s} {variant:7s} slots {slots:4d} ctx {ctx} B {b:3d}: {r.tok_s:9.1f} tok/s "
                     f"step {r.step_s * 1e3:8.2f} ms hit {r.hit_rate:.3f} miss/step {r.misses_per_step:7.1f} "
                     f"{r.mb_per_step:7.1f} MB copy {r.copy_s_per_step * 1e3:6.2f} ms wait {r.wait_s_per_step * 1e3:6.2f}"
                     f" ms hidden {r.hidden_fraction:.2f} ({time.time() - t_run:.0f}s) {r.error[:120]}")

@@ -26,7 +26,7 @@ from flax import nnx
 from infer.host_store import HostKVStore
 from infer.slots import Plan, SlotMap
 from infer.telemetry import LayerStats, StepStats
-from infer.transfer import HostGatherFetcher, ZeroCopyFetcher
+from infer.transfer import HostGatherFetcher
 from pallas_kernels.sparse_decode import sparse_decode_attention
 from pallas_kernels.sparse_prefill import sparse_prefill_attention
 from sparda_jax import selection
@@ -37,12 +37,13 @@ from sparda_jax.model import KVCache, Transformer, rope_frequencies
 ENGINE_MODES = ("dense", "sparse", "sparse-offload", "sparda", "sparda-offload")
 OFFLOAD_MODES = ("sparse-offload", "sparda-offload")
 TRANSFERS = ("host-gather", "zero-copy")
+DEFAULT_TRANSFER = "host-gather"  # set to the faster path measured on the H100 (see README_SECTION.md)
 
 # (layer, ids [B, KV, k] numpy, positions [B]) -> ids; benchmarks replace random-weight selections with it.
 SelectionOverride = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 
 
-def _decode_select(scores, positions, num_blocks, sparse: SparseConfig):
+def decode_select(scores, positions, num_blocks, sparse: SparseConfig):
     """scores [B, KV, 1, C] of one decode token -> block ids [B, KV, k] (as in `Transformer.__call__`)."""
     return selection.select_for_queries(scores, positions, num_blocks, sparse, per_query_block=False)[:, :, 0]
 
@@ -57,16 +58,16 @@ def _front(graphdef, state, x, positions, kc_own, kc_next, selector: str, first:
     h, q, k, v = block.attention_inputs(x, positions, inv_freq)
     own = nxt = None
     if selector == "sparse":
-        own = _decode_select(selection.query_selector_scores(q, kc_own, positions, sparse), positions, num_blocks,
+        own = decode_select(selection.query_selector_scores(q, kc_own, positions, sparse), positions, num_blocks,
                              sparse)
     else:
         if first:
             f0 = block.attn.selector_query(block.attn.q_select, h, positions, inv_freq)
-            own = _decode_select(selection.forecast_scores(f0, kc_own, positions, sparse), positions, num_blocks,
+            own = decode_select(selection.forecast_scores(f0, kc_own, positions, sparse), positions, num_blocks,
                                  sparse)
         if kc_next is not None:
             f = block.attn.selector_query(block.attn.forecast, h, positions, inv_freq)
-            nxt = _decode_select(selection.forecast_scores(f, kc_next, positions, sparse), positions, num_blocks,
+            nxt = decode_select(selection.forecast_scores(f, kc_next, positions, sparse), positions, num_blocks,
                                  sparse)
     return q, k, v, own, nxt
 
@@ -83,19 +84,14 @@ def _scatter(pool_k, pool_v, staged, dst):
     return pool_k, pool_v
 
 
-@functools.partial(jax.jit, static_argnums=(0, 11), donate_argnums=(6, 7, 8))
-def _back(graphdef, state, x, q, k, v, pool_k, pool_v, kc, slots, positions, sparse: SparseConfig):
-    """Append the new token to its tail slot, refresh the compressed key it completes, attend over the listed
-    slots, then the residual + MLP."""
-    block = nnx.merge(graphdef.value if isinstance(graphdef, _Static) else graphdef, state)
-    slot_ids, slot_lengths = slots[0], slots[1]  # one host->device copy for both
+def append_token(pool_k, pool_v, kc, k, v, positions, cache_slots: int, sparse: SparseConfig):
+    """Append the new token (k, v [B, KV, 1, D]) at positions [B] to its tail slot (cache_slots + block % 2) and
+    refresh the compressed key it completes. Shared by the layer-wise and the fused engines."""
     b, kvh, pslots, s, d = pool_k.shape
-    cache_slots = pslots - 2
-    pos = positions[:, 0]
-    tail = cache_slots + (pos // s) % 2
+    tail = cache_slots + (positions // s) % 2
     bi = jnp.arange(b)
-    pool_k = pool_k.at[bi, :, tail, pos % s].set(k[:, :, 0].astype(pool_k.dtype))
-    pool_v = pool_v.at[bi, :, tail, pos % s].set(v[:, :, 0].astype(pool_v.dtype))
+    pool_k = pool_k.at[bi, :, tail, positions % s].set(k[:, :, 0].astype(pool_k.dtype))
+    pool_v = pool_v.at[bi, :, tail, positions % s].set(v[:, :, 0].astype(pool_v.dtype))
 
     def refresh(pk_b, kc_b, p):
         # The compressed key completed by token p lies in the two newest blocks, i.e. in the tail slots.
@@ -105,7 +101,16 @@ def _back(graphdef, state, x, q, k, v, pool_k, pool_v, kc, slots, positions, spa
         index = index + b0 * (s // sparse.compress_stride)
         return jax.lax.dynamic_update_slice_in_dim(kc_b, value[:, None].astype(kc_b.dtype), index, axis=1)
 
-    kc = jax.vmap(refresh)(pool_k, kc, pos)
+    return pool_k, pool_v, jax.vmap(refresh)(pool_k, kc, positions)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 11), donate_argnums=(6, 7, 8))
+def _back(graphdef, state, x, q, k, v, pool_k, pool_v, kc, slots, positions, sparse: SparseConfig):
+    """Append the new token to its tail slot, refresh the compressed key it completes, attend over the listed
+    slots, then the residual + MLP."""
+    block = nnx.merge(graphdef.value if isinstance(graphdef, _Static) else graphdef, state)
+    slot_ids, slot_lengths = slots[0], slots[1]  # one host->device copy for both
+    pool_k, pool_v, kc = append_token(pool_k, pool_v, kc, k, v, positions[:, 0], pool_k.shape[2] - 2, sparse)
     attn = sparse_decode_attention(q[:, :, :, 0], pool_k, pool_v, slot_ids, slot_lengths)
     x = block.finish(x, attn[:, :, :, None])
     return x, pool_k, pool_v, kc
@@ -231,8 +236,9 @@ class OffloadEngine:
         self.lengths = np.zeros(batch, np.int64)
         max_rows = batch * c.num_kv_heads * sparse.top_k_blocks
         self.transfer = transfer
+        # 'zero-copy' is the fused engine (infer.fused), which moves blocks inside its jitted step.
         self.fetcher = (HostGatherFetcher(self.store, max_rows, threads=gather_threads, staging=staging)
-                        if transfer == "host-gather" else ZeroCopyFetcher(self.store))
+                        if transfer == "host-gather" else None)
         self.stats: list[StepStats] = []
         self._steps = 0
         self._closed = False
@@ -241,7 +247,8 @@ class OffloadEngine:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.fetcher.close()
+            if self.fetcher is not None:
+                self.fetcher.close()
 
     def __enter__(self):
         return self
@@ -468,5 +475,11 @@ def make_engine(model: Transformer, sparse: SparseConfig, mode: str, *, batch: i
     if mode not in ENGINE_MODES:
         raise SpardaError(f"unknown engine mode {mode!r} (choose from {', '.join(ENGINE_MODES)})")
     if mode in OFFLOAD_MODES:
+        if kwargs.get("transfer", DEFAULT_TRANSFER) == "zero-copy":
+            from infer.fused import FusedOffloadEngine
+
+            kwargs.pop("transfer", None)
+            return FusedOffloadEngine(model, sparse, mode=mode, batch=batch, max_len=max_len, **kwargs)
+        kwargs.setdefault("transfer", DEFAULT_TRANSFER)
         return OffloadEngine(model, sparse, mode=mode, batch=batch, max_len=max_len, **kwargs)
     return ResidentEngine(model, sparse, mode=mode, batch=batch, max_len=max_len)

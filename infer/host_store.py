@@ -140,5 +140,5 @@ class HostKVStore:
         """The pinned torch tensor of one layer (for zero-copy jax arrays through DLPack), or None."""
         if self._torch is None:
             return None
-        per_layer = self.nbytes // self.num_layers // 2
+        per_layer = self._torch.numel() // self.num_layers  # of the whole allocation (a view shares it)
         return self._torch[layer * per_layer:(layer + 1) * per_layer]

@@ -171,3 +171,46 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def device_replay(stats: dict, num_layers: int, batch: int, kv_heads: int, top_k: int, local: int,
+                  length: int, block: int = 64, seed: int = 0):
+    """`ReplaySelector` as a device selection hook for the fused engine (`infer.fused`): the same statistics (per
+    layer drift and recur), drawn with jax.random inside the jitted step. Returns (hook, initial state).
+    `length`: the context the benchmark starts from (all sequences equal, longer than the local window)."""
+    import jax
+    import jax.numpy as jnp
+
+    init = ReplaySelector(stats, num_layers, batch, kv_heads, top_k, local, block, seed)
+    nf = top_k - (local + 2)
+    cur0 = length // block
+    if cur0 <= local + 1 or nf <= 0:
+        raise ValueError("device_replay needs a context longer than the local window")
+    hi0 = cur0 - local
+    rng = np.random.default_rng(seed)
+    sel = [np.stack([np.stack([rng.choice(np.arange(1, hi0), nf, replace=False) for _ in range(kv_heads)])
+                     for _ in range(batch)]).astype(np.int32) for _ in range(num_layers)]
+    state = (tuple(jnp.asarray(s) for s in sel), tuple(jnp.asarray(s) for s in sel), jax.random.key(seed))
+    drift = jnp.asarray(init.drift, jnp.float32)
+    recur = jnp.asarray(init.recur, jnp.float32)
+
+    def hook(layer, ids, positions, st):
+        sel, dropped, key = list(st[0]), list(st[1]), st[2]
+        key, k1, k2, k3, k4 = jax.random.split(key, 5)
+        shape = sel[layer].shape
+        cur = positions // block
+        hi = jnp.maximum(cur - local, 2)[:, None, None]
+        change = jax.random.uniform(k1, shape) < drift[layer]
+        rec = jax.random.uniform(k2, shape) < recur[layer]
+        from_dropped = jnp.take_along_axis(dropped[layer], jax.random.randint(k3, shape, 0, nf), axis=-1)
+        fresh = 1 + (jax.random.uniform(k4, shape) * (hi - 1)).astype(jnp.int32)
+        new = jnp.where(rec, from_dropped, fresh)
+        dropped[layer] = jnp.where(change, sel[layer], dropped[layer])
+        sel[layer] = jnp.where(change, new, sel[layer])
+        forced = jnp.concatenate([jnp.zeros_like(cur)[:, None], cur[:, None] - local + jnp.arange(local + 1)], axis=1)
+        out = jnp.concatenate([jnp.broadcast_to(forced[:, None], (*shape[:2], local + 2)), sel[layer]], axis=-1)
+        # The model's real selection stays live (a dependency XLA cannot remove), so the step pays for it.
+        out = jnp.where(ids == -12345, ids, out.astype(jnp.int32))
+        return out, (tuple(sel), tuple(dropped), key)
+
+    return hook, state

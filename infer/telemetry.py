@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 
 @dataclasses.dataclass
@@ -23,9 +24,20 @@ class StepStats:
     kind: str  # "prefill" or "decode"
     seconds: float = 0.0
     layers: list[LayerStats] = dataclasses.field(default_factory=list)
+    pending: Any = None  # fused engine: ([L, 3] device counts, bytes per block), read on first use
+
+    def resolve(self) -> "StepStats":
+        if self.pending is not None:
+            import numpy as np
+
+            counts, row_bytes = self.pending
+            self.pending = None
+            self.layers = [LayerStats(i, hits=int(h), tail_hits=int(t), misses=int(m), bytes=int(m) * row_bytes)
+                           for i, (h, t, m) in enumerate(np.asarray(counts))]
+        return self
 
     def total(self, name: str) -> float:
-        return sum(getattr(s, name) for s in self.layers)
+        return sum(getattr(s, name) for s in self.resolve().layers)
 
     @property
     def hit_rate(self) -> float:

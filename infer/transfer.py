@@ -1,13 +1,10 @@
-"""Two ways to move missed KV blocks from the host store into device memory.
+"""Transfer path `host-gather` of the layer-wise engine: worker threads gather the missed rows into a pinned staging
+buffer (numpy `take`, split over threads because one thread gathers only a few GB/s), then one `jax.device_put` moves
+them over PCIe on a copy engine, which overlaps the compute stream. `submit` runs it on the prefetch thread.
 
-* `HostGatherFetcher` (path a): worker threads gather the missed rows into a pinned staging buffer (numpy `take`,
-  split over threads because one thread gathers only a few GB/s), then one `jax.device_put` moves them over PCIe on a
-  copy engine, which overlaps the compute stream. `submit` runs it on the prefetch thread.
-* `ZeroCopyFetcher` (path b): a Pallas kernel reads the missed rows straight out of the `pinned_host` jax array that
-  aliases the store (zero-copy over PCIe). It runs on the compute stream, so it needs no thread and no host gather.
-
-Both return [Mpad, 2*S*D] device arrays whose first M rows are the requested rows (Mpad a power of two >= 16, so a
-few shapes cover every miss count), plus a `CopyRecord`.
+Returns [Mpad, 2*S*D] device arrays whose first M rows are the requested rows (Mpad a power of two >= 16, so a few
+shapes cover every miss count), plus a `CopyRecord`. The other path, `zero-copy`, is the fused engine
+(`infer.fused`, kernel in `infer.zero_copy`).
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
 
 from infer.host_store import HostKVStore
 
@@ -141,83 +137,3 @@ class HostGatherFetcher:
             self.closed = True
             self._prefetch.shutdown(wait=True, cancel_futures=True)
             self._gather_pool.shutdown(wait=True, cancel_futures=True)
-
-
-# ------------------------------------------------------------------------------------------ zero-copy (path b)
-
-
-def _gather_rows_kernel(ids_ref, src_ref, out_ref, *, width: int):
-    j = pl.program_id(1)
-    row = ids_ref[0]
-    if jax.default_backend() == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-
-        cols = j * width + jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
-        rows = jnp.broadcast_to(row, (1, width))
-        out_ref[...] = pltriton.load(src_ref.at[rows, cols])
-    else:
-        out_ref[...] = src_ref[pl.ds(row, 1), pl.ds(j * width, width)]
-
-
-def gather_rows(src: jax.Array, ids: jax.Array, *, width: int = 2048, interpret: bool = False) -> jax.Array:
-    """out[i] = src[ids[i]] for src [N, R] (R a multiple of `width`), ids [M] int32; one program per row piece."""
-    n, r = src.shape
-    m = ids.shape[0]
-    width = min(width, r)
-    import functools
-
-    return pl.pallas_call(
-        functools.partial(_gather_rows_kernel, width=width),
-        grid=(m, r // width),
-        in_specs=[pl.BlockSpec((1,), lambda i, j: (i,)), pl.BlockSpec((n, r), lambda i, j: (0, 0))],
-        out_specs=pl.BlockSpec((1, width), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((m, r), src.dtype),
-        interpret=interpret,
-        name="sparda_gather_rows",
-    )(ids, src)
-
-
-class ZeroCopyFetcher:
-    """Path (b): the store's layers as `pinned_host` jax arrays (DLPack from the pinned torch tensor, no copy)."""
-
-    name = "zero-copy"
-
-    def __init__(self, store: HostKVStore):
-        self.store = store
-        self.on_gpu = jax.default_backend() == "gpu"
-        self._host = []
-        if self.on_gpu:
-            if store.torch_layer(0) is None:
-                raise RuntimeError("the zero-copy path needs the host store in pinned (torch) memory")
-            for layer in range(store.num_layers):
-                t = store.torch_layer(layer)
-                x = jax.dlpack.from_dlpack(t)
-                self._host.append(x.view(jnp.dtype(store.dtype)).reshape(-1, store.row_elems))
-        # The result must live in device memory (XLA otherwise keeps a host operand's consumer on the host side).
-        out = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device") if self.on_gpu else None
-        self._fn = jax.jit(lambda src, ids: gather_rows(src, ids, interpret=not self.on_gpu), out_shardings=out)
-        self.closed = False
-
-    def fetch(self, layer: int, rows: np.ndarray):
-        rec = CopyRecord(rows=int(rows.shape[0]), bytes=int(rows.shape[0]) * self.store.row_elems
-                         * self.store.dtype.itemsize)
-        if rec.rows == 0:
-            return None, rec
-        t0 = time.perf_counter()
-        ids = np.zeros(bucket(rec.rows), np.int32)
-        ids[:rec.rows] = rows
-        src = self._host[layer] if self.on_gpu else jnp.asarray(self.store.flat(layer))
-        out = self._fn(src, jnp.asarray(ids))
-        rec.copy_s = time.perf_counter() - t0
-        return out, rec
-
-    def submit(self, layer: int, rows: np.ndarray) -> cf.Future:
-        f: cf.Future = cf.Future()
-        try:
-            f.set_result(self.fetch(layer, rows))
-        except Exception as e:  # the caller sees it at .result(), like the threaded path
-            f.set_exception(e)
-        return f
-
-    def close(self) -> None:
-        self.closed = True

@@ -1,0 +1,241 @@
+"""Engine v2: the whole offload decode step as ONE jitted, device-resident program (transfer path `zero-copy`).
+
+Per layer the device holds the slot pool (K and V [B, KV, P + 2, S, D]: P cache slots plus the two tail slots), the
+slot map `slot_block` [B, KV, P] (block held by each slot, -1 = free), the LRU ages `age` [B, KV, P] (step of last
+use, -1 = free) and the compressed keys. One `jax.jit` per decode step runs all layers (a Python `for` inside the
+jit; the device state is donated). Per layer:
+
+  selection (the model's own functions) -> diff against the slot map on the device (membership of the k selected ids
+  among the P slots) -> misses take victim slots (slots not used this step, free first, then least recently used:
+  the same rule as `infer.slots.SlotMap`) -> `fill_slots` (Pallas, zero-copy) reads only the missed rows of the
+  `pinned_host` store straight into their slots -> tail append + compressed-key refresh -> block-sparse attention
+  over the pool -> residual + MLP.
+
+`sparda-offload`: layer l+1's Forecast selection, diff and fill are issued at layer l, before layer l's attention
+and MLP (optionally on a second stream, `stream=True`). `sparse-offload`: layer l's own selection, then its fill.
+
+Hit / tail-hit / miss counts come back as one small [L, 3] device array per step, read lazily (no per-layer sync).
+Completed blocks reach the host store outside the step: a block completed at position 64j+63 stays in tail slot
+j % 2 until the sequence enters block j + 2, so just before that step one batched device->host copy (all layers)
+writes it to the store. With equal lengths that is one copy every 64 steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infer.engine import OffloadEngine, append_token, decode_select
+from infer.telemetry import StepStats
+from infer.zero_copy import fill_slots, host_arrays
+from pallas_kernels.sparse_decode import sparse_decode_attention
+from sparda_jax import selection
+from sparda_jax.config import SparseConfig
+from sparda_jax.errors import SpardaError
+from sparda_jax.model import rope_frequencies
+
+# (layer, ids [B, KV, k], positions [B], hook state) -> (ids, hook state), traced inside the step (benchmarks).
+DeviceSelectionHook = Callable[[int, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def slot_diff(ids, positions, slot_block, age, clock, *, num_blocks: int, block_size: int):
+    """Diff a selection against one layer's slot map, on the device.
+
+    ids [B, KV, k] (-1 = none); positions [B]; slot_block, age [B, KV, P]; clock: this step's stamp.
+    Returns slot_ids, slot_lengths [B, KV, k] for the attention, src (host row or -1) and dst (flat pool slot)
+    [B, KV, k] for the fill, the updated slot_block and age, and counts [3] = (hits, tail hits, misses).
+    """
+    b, kvh, k = ids.shape
+    p = slot_block.shape[-1]
+    s = block_size
+    cur = (positions // s)[:, None, None]
+    valid = ids >= 0
+    tail = valid & (ids >= cur - 1)
+    need = valid & ~tail
+    eq = (slot_block[:, :, None, :] == ids[:, :, :, None]) & need[..., None]  # [B, KV, k, P]
+    present = eq.any(-1)
+    hit_slot = jnp.argmax(eq, axis=-1).astype(jnp.int32)
+    hit = need & present
+    miss = need & ~present
+    used = eq.any(2)  # [B, KV, P] slots hit now: never victims this step
+    stamped = jnp.where(used, clock, age)
+    order = jnp.argsort(stamped, axis=-1, stable=True).astype(jnp.int32)  # free (-1) first, then least recent
+    rank = jnp.cumsum(miss, axis=-1) - 1
+    new_slot = jnp.take_along_axis(order, jnp.clip(rank, 0, p - 1), axis=-1)
+    # Evict: the blocks formerly in the victim slots are simply overwritten in slot_block.
+    bi = jnp.arange(b)[:, None, None]
+    gi = jnp.arange(kvh)[None, :, None]
+    target = jnp.where(miss, new_slot, p)  # out of range = dropped
+    slot_block = slot_block.at[bi, gi, target].set(ids, mode="drop")
+    age = stamped.at[bi, gi, target].set(clock, mode="drop")
+    slot = jnp.where(miss, new_slot, jnp.where(hit, hit_slot, -1))
+    slot = jnp.where(tail, p + ids % 2, slot).astype(jnp.int32)
+    kv_len = (positions + 1)[:, None, None]
+    lengths = jnp.where(valid, jnp.clip(kv_len - ids * s, 0, s), 0).astype(jnp.int32)
+    src = jnp.where(miss, (bi * kvh + gi) * num_blocks + ids, -1).astype(jnp.int32)
+    dst = jnp.where(miss, (bi * kvh + gi) * (p + 2) + new_slot, -1).astype(jnp.int32)
+    counts = jnp.stack([hit.sum(), tail.sum(), miss.sum()]).astype(jnp.int32)
+    return slot, lengths, src, dst, slot_block, age, counts
+
+
+def _fused_step(graphdef, params, state, tokens, positions, hosts, *, selector: str, sparse: SparseConfig,
+                num_blocks: int, interpret: bool, stream: bool, fetch: bool, hook: DeviceSelectionHook | None):
+    model = nnx.merge(graphdef, params)
+    c = model.config
+    inv_freq = rope_frequencies(c)
+    pos2 = positions[:, None]
+    num_layers = len(model.layers)
+    pk, pv, kc = list(state["pool_k"]), list(state["pool_v"]), list(state["kc"])
+    sb, age = list(state["slot_block"]), list(state["age"])
+    hook_state = state["hook"]
+    clock = state["clock"] + 1
+    counts = [None] * num_layers
+
+    def fill(layer, src, dst):
+        def run(host, s_, d_, a, b):
+            return fill_slots(host, s_, d_, a, b, interpret=interpret)
+
+        if stream:
+            from jax.experimental.compute_on import compute_on
+
+            run = compute_on(compute_type="gpu_stream:1",
+                             out_memory_spaces=(jax.memory.Space.Device, jax.memory.Space.Device))(run)
+        return run(hosts[layer], src.reshape(-1), dst.reshape(-1), pk[layer], pv[layer])
+
+    def plan(layer, scores):
+        nonlocal hook_state
+        ids = decode_select(scores, pos2, num_blocks, sparse)
+        if hook is not None:
+            ids, hook_state = hook(layer, ids, positions, hook_state)
+        slot, lengths, src, dst, sb[layer], age[layer], counts[layer] = slot_diff(
+            ids, positions, sb[layer], age[layer], clock, num_blocks=num_blocks, block_size=sparse.block_size)
+        if fetch:
+            pk[layer], pv[layer] = fill(layer, src, dst)
+        return slot, lengths
+
+    x = model.embed[...][tokens[:, None]]
+    pending = None
+    for layer, block in enumerate(model.layers):
+        h, q, k, v = block.attention_inputs(x, pos2, inv_freq)
+        if selector == "sparse":
+            own = plan(layer, selection.query_selector_scores(q, kc[layer], pos2, sparse))
+        else:
+            if layer == 0:
+                f0 = block.attn.selector_query(block.attn.q_select, h, pos2, inv_freq)
+                pending = plan(0, selection.forecast_scores(f0, kc[0], pos2, sparse))
+            own = pending
+            if layer + 1 < num_layers:  # issued before this layer's attention and MLP
+                f = block.attn.selector_query(block.attn.forecast, h, pos2, inv_freq)
+                pending = plan(layer + 1, selection.forecast_scores(f, kc[layer + 1], pos2, sparse))
+        pk[layer], pv[layer], kc[layer] = append_token(pk[layer], pv[layer], kc[layer], k, v, positions,
+                                                       pk[layer].shape[2] - 2, sparse)
+        attn = sparse_decode_attention(q[:, :, :, 0], pk[layer], pv[layer], *own)
+        x = block.finish(x, attn[:, :, :, None])
+    logits = model.logits(x[:, 0])
+    new_state = dict(pool_k=pk, pool_v=pv, kc=kc, slot_block=sb, age=age, hook=hook_state, clock=clock)
+    return logits, new_state, jnp.stack(counts)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _tails(pools, slots: tuple, seqs):
+    """[L, n, KV, S, D]: tail slot slots[i] of sequence seqs[i], every layer."""
+    return jnp.stack([jnp.stack([p[b, :, s] for b, s in zip(seqs, slots)]) for p in pools])
+
+
+class FusedOffloadEngine(OffloadEngine):
+    """`transfer='zero-copy'`: the fused device-resident decode step. Same constructor and API as OffloadEngine.
+
+    selection_hook: a `DeviceSelectionHook` (benchmarks; runs inside the jit). stream: put the fills on a second
+    GPU stream (`compute_on('gpu_stream:1')`). fetch=False skips the fills (timing only: results are wrong).
+    """
+
+    def __init__(self, model, sparse: SparseConfig, *, selection_hook: DeviceSelectionHook | None = None,
+                 hook_state: Any = None, stream: bool = False, fetch: bool = True, **kwargs):
+        if kwargs.get("selection_override") is not None:
+            raise SpardaError("the fused engine takes a device selection_hook, not a host selection_override")
+        kwargs["transfer"] = "zero-copy"
+        super().__init__(model, sparse, **kwargs)
+        self.on_gpu = jax.default_backend() == "gpu"
+        self.hosts = host_arrays(self.store)
+        self._graphdef, self._params = nnx.split(model)
+        opts = {"xla_gpu_experimental_stream_annotation": True} if stream else None
+        step = functools.partial(_fused_step, self._graphdef, selector=self.selector, sparse=sparse,
+                                 num_blocks=self.num_blocks, interpret=not self.on_gpu, stream=stream, fetch=fetch,
+                                 hook=selection_hook)
+        self._step = jax.jit(step, donate_argnums=(1,), compiler_options=opts)
+        self._hook_state = hook_state
+        self.state = None
+        self.row_bytes = self.store.row_elems * self.store.dtype.itemsize
+
+    # The base class fills self.pool_k / pool_v / kc (prefill, fill_synthetic); pack them into the device state.
+    def _pack(self) -> None:
+        b, kvh, p = self.batch, self.config.num_kv_heads, self.cache_slots
+        layers = range(self.config.num_layers)
+        self.state = dict(pool_k=self.pool_k, pool_v=self.pool_v, kc=self.kc,
+                          slot_block=[jnp.full((b, kvh, p), -1, jnp.int32) for _ in layers],
+                          age=[jnp.full((b, kvh, p), -1, jnp.int32) for _ in layers],
+                          hook=self._hook_state, clock=jnp.int32(0))
+        self.pool_k = self.pool_v = self.kc = None  # owned by self.state (donated every step)
+        if not self.on_gpu:
+            self.hosts = host_arrays(self.store)
+
+    def prefill(self, tokens, lengths=None):
+        if self.state is not None:
+            self._unpack()
+        logits = super().prefill(tokens, lengths)
+        self._pack()
+        return logits
+
+    def fill_synthetic(self, length: int, seed: int = 0, fill_store: bool = True) -> None:
+        if self.state is not None:
+            self._unpack()
+        super().fill_synthetic(length, seed, fill_store)
+        self._pack()
+
+    def _unpack(self) -> None:
+        self.pool_k, self.pool_v, self.kc = self.state["pool_k"], self.state["pool_v"], self.state["kc"]
+        self.state = None
+
+    def _flush_due(self, positions: np.ndarray) -> None:
+        """Block cur-2 leaves its tail slot in this step: write it (all layers) to the host store first."""
+        s = self.sparse.block_size
+        seqs = [int(b) for b in np.nonzero((positions % s == 0) & (positions >= 2 * s))[0]]
+        if not seqs:
+            return
+        blocks = [int(positions[b]) // s - 2 for b in seqs]
+        slots = tuple(self.cache_slots + j % 2 for j in blocks)
+        seq_arr = jnp.asarray(np.asarray(seqs, np.int32))
+        ks = np.asarray(_tails(self.state["pool_k"], slots, seq_arr))
+        vs = np.asarray(_tails(self.state["pool_v"], slots, seq_arr))
+        for i, (b, j) in enumerate(zip(seqs, blocks)):
+            self.store.data[:, b, :, j, 0] = ks[:, i]
+            self.store.data[:, b, :, j, 1] = vs[:, i]
+        if not self.on_gpu:  # CPU: the JAX host arrays are copies
+            self.hosts = host_arrays(self.store)
+
+    def decode(self, tokens: np.ndarray) -> jax.Array:
+        if self._closed:
+            raise SpardaError("the engine is closed")
+        if self.state is None:
+            raise SpardaError("prefill (or fill_synthetic) first")
+        tokens = np.asarray(tokens, np.int32).reshape(self.batch)
+        positions = self.lengths.copy()
+        if int(positions.max()) >= self.max_len:
+            raise SpardaError(f"context {self.max_len} is full")
+        t0 = time.perf_counter()
+        self._flush_due(positions)
+        logits, self.state, counts = self._step(self._params, self.state, jnp.asarray(tokens),
+                                                jnp.asarray(positions.astype(np.int32)), tuple(self.hosts))
+        logits.block_until_ready()
+        self.lengths = positions + 1
+        step = StepStats(self._steps, "decode", time.perf_counter() - t0)
+        step.pending = (counts, self.row_bytes)
+        self.stats.append(step)
+        self._steps += 1
+        return logits
