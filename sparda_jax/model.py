@@ -259,7 +259,8 @@ class Transformer(nnx.Module):
                                                v_cache.reshape(pool_shape), ids, slot_lengths.astype(jnp.int32))
                 attn = attn[:, :, :, None]
             else:
-                attn = sparse_prefill_attention(q, k_cache, v_cache, block_ids, kv_len, q_start=start[0])
+                attn = sparse_prefill_attention(q, k_cache, v_cache, block_ids, kv_len, q_start=start[0],
+                                                block_size=bs)
             x = layer.finish(x, attn)
             if mode == "sparda":
                 selector_query = layer.attn.selector_query(layer.attn.forecast, h, positions, inv_freq)
