@@ -206,7 +206,7 @@ def make_nll_fn(model, sparse, kind: str):
 
 
 def evaluate(model, forecast_states: dict[str, Any], rows: np.ndarray, sparse, *, min_position: int,
-             ppl_kinds: tuple[str, ...] = ("prefill", "per_token"), batch: int = 1,
+             ppl_kinds: tuple[str, ...] = ("prefill", "per_token"), batch: int = 1, recall: bool = True,
              progress: bool = True) -> dict[str, Any]:
     """Recall per layer for every method and perplexities by (kind, mode) over `rows` [N, T]."""
     from tqdm import tqdm
@@ -216,17 +216,17 @@ def evaluate(model, forecast_states: dict[str, Any], rows: np.ndarray, sparse, *
     totals = {m: np.zeros(num_layers) for m in METHODS}
     recall_fn = make_recall_fn(model, sparse, min_position)
     batches = [rows[i: i + batch] for i in range(0, len(rows), batch)]
-    for tokens in tqdm(batches, desc="recall", disable=not progress, file=sys.stderr):
+    for tokens in tqdm(batches if recall else [], desc="recall", disable=not progress, file=sys.stderr):
         counts = recall_fn(forecast_states, np.asarray(tokens, np.int32))
         for m, (h, n) in counts.items():
             hits[m] += np.asarray(h, np.float64)
             totals[m] += np.asarray(n, np.float64)
 
-    recall: dict[str, Any] = {}
-    for m in METHODS:
+    recalls: dict[str, Any] = {}
+    for m in METHODS if recall else ():
         per_layer = [float(h / n) if n else None for h, n in zip(hits[m], totals[m])]
         forecast_layers = [x for x in per_layer[1:] if x is not None]
-        recall[m] = {"per_layer": per_layer,
+        recalls[m] = {"per_layer": per_layer,
                      "mean": float(np.mean(forecast_layers)) if forecast_layers else None,
                      "mean_with_layer0": (float(np.mean([x for x in per_layer if x is not None]))
                                           if per_layer[0] is not None else None)}
@@ -245,7 +245,8 @@ def evaluate(model, forecast_states: dict[str, Any], rows: np.ndarray, sparse, *
                 total += float(nll)
                 count += int(n)
             ppl[kind][label] = math.exp(total / count)
-    return {"recall": recall, "perplexity": ppl, "recall_tokens_counted": {m: float(totals[m].sum()) for m in METHODS}}
+    return {"recall": recalls, "perplexity": ppl,
+            "recall_tokens_counted": {m: float(totals[m].sum()) for m in METHODS if recall}}
 
 
 def plot_recall(result: dict[str, Any], path: Path, title: str) -> None:
@@ -297,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-blocks", type=int, default=SparseConfig.local_blocks)
     p.add_argument("--min-position", type=int, help="first query position counted (default top_k_blocks * 64)")
     p.add_argument("--ppl", default="prefill,per_token", help="perplexity kinds: prefill, per_token, none")
+    p.add_argument("--no-recall", action="store_true", help="perplexity only")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default="bench_results/forecast", help="folder for eval.json and recall_per_layer.png")
     p.add_argument("--cache-dir", default="runs/data_cache", help="tokenised data cache ('' = none)")
@@ -381,7 +383,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     min_position = default_min_position(sparse) if args.min_position is None else args.min_position
 
     result = evaluate(model, states, rows, sparse, min_position=min_position, ppl_kinds=kinds, batch=args.batch,
-                      progress=not args.no_progress)
+                      recall=not args.no_recall, progress=not args.no_progress)
     result["settings"] = {
         "forecast": str(forecast_dir), "forecast_metadata": meta, "model": checkpoint.path.name, "text": source,
         "sequences": int(len(rows)), "seq_len": args.seq_len, "top_k_blocks": sparse.top_k_blocks,
@@ -394,7 +396,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     title = (f"{checkpoint.path.name}: recall@{sparse.top_k_blocks} (local {sparse.local_blocks}), {len(rows)} x "
              f"{args.seq_len} tokens, {source[:80]}")
-    plot_recall(result, out / "recall_per_layer.png", title)
+    if result["recall"]:
+        plot_recall(result, out / "recall_per_layer.png", title)
     _print_summary(result)
     if args.json:
         print(json.dumps(result))
@@ -403,10 +406,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _print_summary(result: dict[str, Any]) -> None:
     r = result["recall"]
-    print("recall@k mean over layers 1..L-1: " + ", ".join(
-        f"{m} {r[m]['mean']:.4f}" for m in METHODS if r[m]["mean"] is not None), file=sys.stderr)
-    print(f"layer 0 (q_select): forecast {r['forecast']['per_layer'][0]}, query_mean "
-          f"{r['query_mean']['per_layer'][0]}", file=sys.stderr)
+    if r:
+        print("recall@k mean over layers 1..L-1: " + ", ".join(
+            f"{m} {r[m]['mean']:.4f}" for m in METHODS if r[m]["mean"] is not None), file=sys.stderr)
+        print(f"layer 0 (q_select): forecast {r['forecast']['per_layer'][0]}, query_mean "
+              f"{r['query_mean']['per_layer'][0]}", file=sys.stderr)
     for kind, values in result["perplexity"].items():
         print(f"perplexity ({kind}): " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()), file=sys.stderr)
 
