@@ -102,6 +102,7 @@ class KVCache:
         return self.k[0].shape[2]
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerCapture:
     """What the Forecast distillation needs from one layer (full sequences, dense attention)."""
