@@ -29,7 +29,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 
 import numpy as np
 

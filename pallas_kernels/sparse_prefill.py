@@ -166,7 +166,6 @@ def _sparse_prefill_pallas(
   batch, kv_heads, group, tq, head_dim = q.shape
   tk = k.shape[2]
   nqb, n = block_ids.shape[2], block_ids.shape[3]
-  nkb = tk // block_size
   bh = batch * kv_heads
 
   if not is_pow2(block_size):
@@ -274,7 +273,7 @@ def _check_q_start(q_start):
 def _reference(q, k, v, block_ids, kv_len, q_start, block_size, sm_scale):
   batch, kv_heads, group, tq, head_dim = q.shape
   tk = k.shape[2]
-  nqb, nkb = tq // block_size, tk // block_size
+  nkb = tk // block_size
   # listed[b, h, i, j]: query block i lists KV block j.
   onehot = (jnp.clip(block_ids, 0, nkb - 1)[..., None] == jnp.arange(nkb)) & (block_ids >= 0)[..., None]
   listed = onehot.any(axis=3)  # [B, KV, nQB, nKB]

@@ -11,18 +11,15 @@ import sys
 from pathlib import Path
 
 from sparda_jax.config import ATTENTION_MODES, SparseConfig
+from sparda_jax.cli import ArgumentParser, run_main
 from sparda_jax.errors import SpardaError
 
-EXIT_USAGE = 2
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints usage + message; we promise one line
-        raise SpardaError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _ArgumentParser(prog="python -m sparda_jax.generate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m sparda_jax.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="GGUF file or HF directory (default: the embedded SmolLM2-135M-Instruct)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (used raw unless --chat)")
@@ -166,14 +163,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    try:
-        code = run()
-    except SpardaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = EXIT_USAGE
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+    run_main(run)
 
 
 if __name__ == "__main__":

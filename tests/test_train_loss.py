@@ -1,6 +1,5 @@
 """The Forecast distillation loss and recall against references written here in numpy (SPARDA.md §2-4)."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

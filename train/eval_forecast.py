@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from sparda_jax.cli import ArgumentParser, run_main
 from sparda_jax.errors import SpardaError
 
-EXIT_USAGE = 2
 DEFAULT_EVAL_DATA = "austen,pg"
 METHODS = ("forecast", "query_mean", "reuse")
 
@@ -274,15 +274,12 @@ def plot_recall(result: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise SpardaError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from sparda_jax.config import SparseConfig
 
-    p = _ArgumentParser(prog="python -m train.eval_forecast", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m train.eval_forecast", description=__doc__.splitlines()[0])
     p.add_argument("--forecast", help="Forecast directory (save_forecast / train.forecast output); default: the "
                                       "one shipped for the model")
     p.add_argument("--model", help="GGUF file or HF directory (default: the embedded SmolLM2-135M-Instruct)")
@@ -416,15 +413,7 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    try:
-        run()
-        code = 0
-    except SpardaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = EXIT_USAGE
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+    run_main(run)
 
 
 if __name__ == "__main__":

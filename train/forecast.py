@@ -24,9 +24,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from sparda_jax.cli import ArgumentParser, run_main
+from sparda_jax.config import SparseConfig
 from sparda_jax.errors import SpardaError
 
-EXIT_USAGE = 2
 DEFAULT_DATA = "austen,pg,hotpotqa"
 
 
@@ -231,15 +232,12 @@ RESUME_MUST_MATCH = ("model", "data", "seq_len", "batch", "lr", "dtype", "seed",
                      "local_blocks", "heldout_fraction")
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise SpardaError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from sparda_jax.config import SparseConfig
 
-    p = _ArgumentParser(prog="python -m train.forecast", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m train.forecast", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="GGUF file or HF directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="comma-separated sources: austen, pg, hotpotqa, squad, a .txt/.jsonl file, a folder of "
@@ -264,9 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _validate(args) -> "SparseConfig":  # noqa: F821
-    from sparda_jax.config import SparseConfig
-
+def _validate(args) -> SparseConfig:
     for name in ("steps", "batch", "seq_len", "save_every"):
         if getattr(args, name) <= 0:
             raise SpardaError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -342,14 +338,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    try:
-        code = run()
-    except SpardaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = EXIT_USAGE
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+    run_main(run)
 
 
 if __name__ == "__main__":
