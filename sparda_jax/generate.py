@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-blocks", type=int, default=SparseConfig.local_blocks,
                    help="full blocks before the current one that are always attended")
     p.add_argument("--forecast", help="Forecast checkpoint directory (train.forecast output) for --attention sparda")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="default: bfloat16 on GPU (the Pallas kernels' fast path), float32 elsewhere")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON object describing the run")
     p.add_argument("--offload", action="store_true",
                    help="keep the KV in host memory (infer/ engine; --attention sparse or sparda)")
@@ -101,7 +102,10 @@ def run(argv: list[str] | None = None) -> int:
     if args.chat:
         prompt_text = tokenizer.apply_chat_template(prompt_text)
     prompt_ids = tokenizer.encode(prompt_text)
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    import jax
+
+    dtype_name = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+    dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
     model = build_model(checkpoint.weights, checkpoint.config, dtype=dtype)
     if args.attention == "sparda":
         forecast_dir = args.forecast or forecast_checkpoint.default_forecast_for(checkpoint.path)
@@ -156,6 +160,7 @@ def run(argv: list[str] | None = None) -> int:
             "stop_reason": result.stop_reason,
             "attention": args.attention,
             "model": str(checkpoint.path),
+            "dtype": dtype_name,
             **({"offload": True} if args.offload else {}),
             **({"stats": step_stats} if step_stats is not None else {}),
         }))
