@@ -314,6 +314,7 @@ def main():
                    "(default: 1 and the last of --batches)")
     p.add_argument("--cache4k", action="store_true", help="also sparda-offload with a 4k-slot LRU cache")
     p.add_argument("--cache4k-max-rows", type=int, default=64, help="4k-slot cache only where B*KV <= this")
+    p.add_argument("--skip-resident-max", action="store_true", help="no resident run at its largest batch")
     p.add_argument("--fill-probe", action="store_true", help="zero-copy fill kernel probe first")
     p.add_argument("--shape-budgets", default="", help="seconds per shape, comma-separated (default: all to the "
                    "first)")
@@ -397,7 +398,7 @@ def main():
                             plan.append(("offload", "sparda-offload", b, tr, 4 * a.top_k_blocks, ""))
                     if "zero-copy" in transfers:
                         plan += [("offload", "sparda-offload", b, "zero-copy", 0, v) for v in a.variants.split(",") if v]
-            if b_res >= 1 and b_res not in [x[2] for x in plan]:
+            if b_res >= 1 and b_res not in [x[2] for x in plan] and not a.skip_resident_max:
                 plan += [("resident", "sparse", b_res, "", 0, ""), ("resident", "sparda", b_res, "", 0, "")]
             if ctx == contexts[0] and a.dense:
                 plan.append(("resident", "dense", 1, "", 0, ""))
@@ -425,6 +426,13 @@ def main():
                     f" ms hidden {r.hidden_fraction:.2f} ({time.time() - t_run:.0f}s) {r.error[:120]}")
                 save()
             del store
+            gc.collect()
+            try:  # torch caches freed pinned host memory; give it back before the next store is pinned
+                import torch
+
+                torch._C._host_emptyCache()
+            except Exception:
+                pass
         if a.prefill and left() > 90:
             for mode in ("sparse", "sparse-offload", "sparda-offload"):
                 try:
