@@ -198,7 +198,6 @@ def prefill_run(model, sparse, shape, mode, ctx):
 
 def transfer_probe(out: dict) -> None:
     """Raw H2D paths of host-gather: staging device_put (jax pinned_host vs torch pinned via DLPack), threaded gather."""
-    import jax
     import jax.numpy as jnp
 
     from infer.host_store import HostKVStore

@@ -13,7 +13,6 @@ and, replaying the recorded selections through `SlotMap`, the hit rate with a po
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from infer.slots import SlotMap
+from sparda_jax.cli import ArgumentParser, run_main
+from sparda_jax.errors import SpardaError
 
 
 def _forced_mask(ids: np.ndarray, positions: np.ndarray, local: int, block: int) -> np.ndarray:
@@ -155,18 +156,25 @@ class ReplaySelector:
         return out
 
 
-def main():
-    p = argparse.ArgumentParser(prog="python -m infer.locality", description=__doc__.splitlines()[0])
-    p.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
+def run() -> int:
+    p = ArgumentParser(prog="python -m infer.locality", description=__doc__.splitlines()[0])
+    p.add_argument("--text", required=True, help="a long plain-text file (the recorded run used Debian's GPL-3 text)")
     p.add_argument("--prompt-tokens", type=int, default=3072)
     p.add_argument("--steps", type=int, default=96)
     p.add_argument("--top-k-blocks", type=int, default=16)
     p.add_argument("--local-blocks", type=int, default=4)
     p.add_argument("--out", default="bench_results/engine/locality_smollm2.json")
     a = p.parse_args()
+    if not Path(a.text).is_file():
+        raise SpardaError(f"text file not found: {a.text}")
     res = measure(a.text, a.prompt_tokens, a.steps, a.top_k_blocks, a.local_blocks)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def main() -> None:
+    run_main(run)
 
 
 if __name__ == "__main__":
