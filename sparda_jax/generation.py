@@ -25,6 +25,7 @@ class GenerationResult:
     compile_s: float
     prefill_s: float
     decode_s: float
+    stats: list = dataclasses.field(default_factory=list)  # per-step telemetry of the offload engine
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -35,6 +36,31 @@ class GenerationResult:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def cache_layout(prompt_len: int, max_new_tokens: int, block_size: int) -> tuple[int, int]:
+    """(padded prompt length, cache length): the prompt is padded to whole blocks; the cache comes in buckets of
+    256 tokens, which keeps recompiles rare across prompts of similar length."""
+    padded = _round_up(prompt_len, block_size)
+    return padded, _round_up(max(prompt_len + max_new_tokens, padded), 256)
+
+
+def decode_loop(first_token: int, next_token: Callable[[int, int], int], *, max_new_tokens: int,
+                stop_ids: tuple[int, ...], on_token: Callable[[int], None] | None) -> tuple[list[int], str]:
+    """Streams tokens until a stop token or `max_new_tokens`; `next_token(step, token)` runs one decode step.
+
+    Returns the new tokens (without the stop token) and the stop reason ("eos" or "length")."""
+    new_ids: list[int] = []
+    token = first_token
+    for step in range(max_new_tokens):
+        if token in stop_ids:
+            return new_ids, "eos"
+        new_ids.append(token)
+        if on_token is not None:
+            on_token(token)
+        if step + 1 < max_new_tokens:
+            token = next_token(step + 1, token)
+    return new_ids, "length"
 
 
 class Generator:
@@ -102,11 +128,7 @@ class Generator:
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingConfig, seed: int = 0,
                  stop_ids: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None) -> GenerationResult:
         self.check_fits(len(prompt_ids), max_new_tokens)
-        bs = self.sparse.block_size
-        padded = _round_up(len(prompt_ids), bs)
-        # Buckets of 256 tokens keep recompiles rare across prompts of similar length.
-        max_len = _round_up(max(len(prompt_ids) + max_new_tokens, padded), 256)
-
+        padded, max_len = cache_layout(len(prompt_ids), max_new_tokens, self.sparse.block_size)
         t0 = time.perf_counter()
         prefill, decode = self._compile(1, padded, max_len)
         compile_s = time.perf_counter() - t0
@@ -117,24 +139,20 @@ class Generator:
         keys = jax.random.split(jax.random.key(seed), max(max_new_tokens, 1))
         new_ids: list[int] = []
         stop_reason = "length"
-        t0 = time.perf_counter()
         prefill_s = decode_s = 0.0
         if max_new_tokens > 0:
+            t0 = time.perf_counter()
             token, cache = prefill(self._state, tokens, cache, jnp.asarray([len(prompt_ids)], jnp.int32), keys[0],
                                    *scalars)
-            token_id = int(token[0])
             prefill_s = time.perf_counter() - t0
+
+            def next_token(step: int, _: int) -> int:
+                nonlocal token, cache
+                token, cache = decode(self._state, token, cache, keys[step], *scalars)
+                return int(token[0])
+
             t0 = time.perf_counter()
-            for step in range(max_new_tokens):
-                if token_id in stop_ids:
-                    stop_reason = "eos"
-                    break
-                new_ids.append(token_id)
-                if on_token is not None:
-                    on_token(token_id)
-                if step + 1 == max_new_tokens:
-                    break
-                token, cache = decode(self._state, token, cache, keys[step + 1], *scalars)
-                token_id = int(token[0])
+            new_ids, stop_reason = decode_loop(int(token[0]), next_token, max_new_tokens=max_new_tokens,
+                                               stop_ids=stop_ids, on_token=on_token)
             decode_s = time.perf_counter() - t0
         return GenerationResult(list(prompt_ids), new_ids, stop_reason, compile_s, prefill_s, decode_s)
