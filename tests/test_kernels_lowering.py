@@ -4,6 +4,7 @@ sizes, dot shapes) that interpret mode does not enforce.
 This fakes the GPU-info query of jax's Triton lowering (a private jax module); if that module changes, the test is
 skipped rather than failed.
 """
+
 import warnings
 
 import jax
@@ -16,20 +17,20 @@ from pallas_kernels.sparse_prefill import sparse_prefill_attention
 
 @pytest.fixture
 def fake_h100(monkeypatch):
-  try:
-    import jax._src.pallas.triton.pallas_call_registration as reg
-    from jax.experimental.pallas.triton import GpuVersion, get_gpu_info_from_version
+    try:
+        import jax._src.pallas.triton.pallas_call_registration as reg
+        from jax.experimental.pallas.triton import GpuVersion, get_gpu_info_from_version
 
-    info = get_gpu_info_from_version(GpuVersion.H100)
-    monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: info)
-  except Exception as e:  # pragma: no cover - depends on jax internals
-    pytest.skip(f"cannot fake the GPU for the Triton lowering: {e}")
+        info = get_gpu_info_from_version(GpuVersion.H100)
+        monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: info)
+    except Exception as e:  # pragma: no cover - depends on jax internals
+        pytest.skip(f"cannot fake the GPU for the Triton lowering: {e}")
 
 
 def _lower_for_cuda(fn, *shapes):
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
 
 
 S = jax.ShapeDtypeStruct
@@ -46,13 +47,16 @@ S = jax.ShapeDtypeStruct
     ],
 )
 def test_decode_lowers_to_triton(fake_h100, dtype, shape, knobs):
-  b, h, g, d, p, s, n = shape
-  txt = _lower_for_cuda(
-      lambda *a: sparse_decode_attention(*a, implementation="pallas", **knobs),
-      S((b, h, g, d), dtype), S((b, h, p, s, d), dtype), S((b, h, p, s, d), dtype),
-      S((b, h, n), jnp.int32), S((b, h, n), jnp.int32),
-  )
-  assert "__gpu$xla.gpu.triton" in txt
+    b, h, g, d, p, s, n = shape
+    txt = _lower_for_cuda(
+        lambda *a: sparse_decode_attention(*a, implementation="pallas", **knobs),
+        S((b, h, g, d), dtype),
+        S((b, h, p, s, d), dtype),
+        S((b, h, p, s, d), dtype),
+        S((b, h, n), jnp.int32),
+        S((b, h, n), jnp.int32),
+    )
+    assert "__gpu$xla.gpu.triton" in txt
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -65,10 +69,14 @@ def test_decode_lowers_to_triton(fake_h100, dtype, shape, knobs):
     ],
 )
 def test_prefill_lowers_to_triton(fake_h100, dtype, shape, knobs):
-  b, h, g, d, tq, tk, n = shape
-  txt = _lower_for_cuda(
-      lambda *a: sparse_prefill_attention(*a[:5], q_start=a[5], implementation="pallas", **knobs),
-      S((b, h, g, tq, d), dtype), S((b, h, tk, d), dtype), S((b, h, tk, d), dtype),
-      S((b, h, tq // 64, n), jnp.int32), S((b,), jnp.int32), S((), jnp.int32),
-  )
-  assert "__gpu$xla.gpu.triton" in txt
+    b, h, g, d, tq, tk, n = shape
+    txt = _lower_for_cuda(
+        lambda *a: sparse_prefill_attention(*a[:5], q_start=a[5], implementation="pallas", **knobs),
+        S((b, h, g, tq, d), dtype),
+        S((b, h, tk, d), dtype),
+        S((b, h, tk, d), dtype),
+        S((b, h, tq // 64, n), jnp.int32),
+        S((b,), jnp.int32),
+        S((), jnp.int32),
+    )
+    assert "__gpu$xla.gpu.triton" in txt
