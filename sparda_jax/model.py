@@ -278,12 +278,12 @@ class Transformer(nnx.Module):
 def _write_kv(k_cache, v_cache, kc, k, v, start, decode: bool, sparse: SparseConfig):
     """Appends k, v [B, KV, T, D] at `start` [B]; refreshes the compressed keys that the new keys complete."""
     if decode:
-        def one(kc_b, vc_b, kcmp_b, k_b, v_b, pos):
-            kc_b = jax.lax.dynamic_update_slice_in_dim(kc_b, k_b.astype(kc_b.dtype), pos, axis=1)
-            vc_b = jax.lax.dynamic_update_slice_in_dim(vc_b, v_b.astype(vc_b.dtype), pos, axis=1)
-            index, value = selection.latest_compressed_key(kc_b, pos, sparse)
-            kcmp_b = jax.lax.dynamic_update_slice_in_dim(kcmp_b, value[:, None], index, axis=1)
-            return kc_b, vc_b, kcmp_b
+        def one(seq_k, seq_v, seq_kc, new_k, new_v, pos):  # one sequence: [KV, T, D] caches, [KV, 1, D] new
+            seq_k = jax.lax.dynamic_update_slice_in_dim(seq_k, new_k.astype(seq_k.dtype), pos, axis=1)
+            seq_v = jax.lax.dynamic_update_slice_in_dim(seq_v, new_v.astype(seq_v.dtype), pos, axis=1)
+            index, value = selection.latest_compressed_key(seq_k, pos, sparse)
+            seq_kc = jax.lax.dynamic_update_slice_in_dim(seq_kc, value[:, None], index, axis=1)
+            return seq_k, seq_v, seq_kc
 
         return jax.vmap(one)(k_cache, v_cache, kc, k, v, start)
     k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start[0], axis=2)
