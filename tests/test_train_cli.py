@@ -102,6 +102,30 @@ def test_train_resume_and_eval_end_to_end(tiny_model_dir, text_file, tmp_path):
     assert (tmp_path / "eval" / "recall_per_layer.png").stat().st_size > 1000
 
 
+def test_init_from_starts_where_an_earlier_forecast_ended(tiny_model_dir, text_file, tmp_path):
+    from sparda_jax.forecast_checkpoint import forecast_arrays, load_forecast, save_forecast
+    from sparda_jax.model import build_model
+    from sparda_jax.weights import load_checkpoint
+    from train import forecast
+
+    ckpt = load_checkpoint(tiny_model_dir)
+    start = build_model(ckpt.weights, ckpt.config, forecast_init="uniform", seed=7)
+    save_forecast(start, tmp_path / "start")
+    common = ["--model", str(tiny_model_dir), "--data", str(text_file), "--batch", "2", "--seq-len", "256",
+              "--steps", "1", "--cache-dir", "", "--no-progress", "--heldout-fraction", "0", "--lr", "1e-9",
+              "--top-k-blocks", "4", "--local-blocks", "1"]
+    assert forecast.run(common + ["--out", str(tmp_path / "a"), "--init-from", str(tmp_path / "start")]) == 0
+    assert forecast.run(common + ["--out", str(tmp_path / "b")]) == 0
+    expected = forecast_arrays(start)
+    for run_dir, should_match in (("a", True), ("b", False)):
+        model = build_model(ckpt.weights, ckpt.config)
+        load_forecast(model, tmp_path / run_dir / "forecast")
+        got = forecast_arrays(model)
+        # One step at lr 1e-9 moves no weight by more than ~1e-9 (Adam's step is about lr).
+        close = all(np.allclose(got[k], expected[k], rtol=0, atol=1e-6) for k in expected)
+        assert close == should_match, run_dir
+
+
 def _cli(module, *args):
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
@@ -114,6 +138,7 @@ def _cli(module, *args):
     (["--out", "x", "--model", "/nonexistent/model.gguf"], "model path does not exist"),
     (["--out", "x", "--dtype", "float16"], "invalid choice"),
     ([], "required: --out"),
+    (["--out", "x", "--init-from", "/nonexistent/forecast"], "Forecast directory not found"),
 ])
 def test_train_cli_errors_are_one_line(args, message):
     code, err = _cli("train.forecast", *args)

@@ -228,7 +228,7 @@ def run_training(trainer: ForecastTrainer, batches: Callable[[int], np.ndarray],
 
 
 # Settings that must not change between a run and its --resume (the step count and time budget may).
-RESUME_MUST_MATCH = ("model", "data", "seq_len", "batch", "lr", "dtype", "seed", "init", "top_k_blocks",
+RESUME_MUST_MATCH = ("model", "data", "seq_len", "batch", "lr", "dtype", "seed", "init", "init_from", "top_k_blocks",
                      "local_blocks", "heldout_fraction")
 
 
@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="data order")
     p.add_argument("--init", default="query_mean", choices=("query_mean", "uniform"),
                    help="Forecast init: layer l+1's group-mean queries (default) or the paper's uniform init")
+    p.add_argument("--init-from", help="start from this Forecast directory (save_forecast output, e.g. a "
+                   "shipped or earlier trained Forecast) instead of --init")
     p.add_argument("--top-k-blocks", type=int, default=SparseConfig.top_k_blocks)
     p.add_argument("--local-blocks", type=int, default=SparseConfig.local_blocks)
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="documents held out from training")
@@ -274,6 +276,8 @@ def _validate(args) -> SparseConfig:
         raise SpardaError(f"--max-minutes must be positive, got {args.max_minutes}")
     if args.model is not None and not Path(args.model).exists():
         raise SpardaError(f"model path does not exist: {args.model}")
+    if args.init_from is not None and not Path(args.init_from).is_dir():
+        raise SpardaError(f"--init-from: Forecast directory not found: {args.init_from}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SpardaError(f"--out {out} exists and is not a directory")
@@ -304,7 +308,7 @@ def run(argv: list[str] | None = None) -> int:
 
     import jax.numpy as jnp
 
-    from sparda_jax.forecast_checkpoint import save_forecast
+    from sparda_jax.forecast_checkpoint import load_forecast, save_forecast
     from sparda_jax.model import build_model
     from sparda_jax.tokenizer import load_tokenizer
     from sparda_jax.weights import load_checkpoint
@@ -318,9 +322,12 @@ def run(argv: list[str] | None = None) -> int:
     stream = BatchStream(rows, args.batch, args.seed)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = build_model(checkpoint.weights, checkpoint.config, dtype=dtype, forecast_init=args.init)
+    if args.init_from is not None:
+        load_forecast(model, args.init_from)
     trainer = ForecastTrainer(model, sparse, dataclasses.replace(OptimConfig(), lr=args.lr))
     run_info = {"model": str(checkpoint.path.name), "data": args.data, "seq_len": args.seq_len, "batch": args.batch,
                 "lr": args.lr, "dtype": args.dtype, "seed": args.seed, "init": args.init,
+                "init_from": None if args.init_from is None else str(Path(args.init_from).absolute()),
                 "top_k_blocks": args.top_k_blocks, "local_blocks": args.local_blocks,
                 "heldout_fraction": args.heldout_fraction, "train_sequences": int(len(rows)),
                 "forecast_parameters": model.forecast_parameter_count()}
