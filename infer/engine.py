@@ -340,14 +340,18 @@ class OffloadEngine:
         dst[0, :m], dst[1, :m], dst[2, :m] = plan.miss_b, plan.miss_kv, plan.miss_slot
         return jnp.asarray(dst)
 
-    def decode(self, tokens: np.ndarray) -> jax.Array:
-        """One token per sequence, appended at each sequence's own length. Returns logits [B, V]."""
+    def _decode_inputs(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Checks that a decode step can run; returns the tokens [B] and each sequence's position [B]."""
         if self._closed:
             raise SpardaError("the engine is closed")
-        tokens = np.asarray(tokens, np.int32).reshape(self.batch)
-        positions_np = self.lengths.copy()
-        if int(positions_np.max()) >= self.max_len:
+        positions = self.lengths.copy()
+        if int(positions.max()) >= self.max_len:
             raise SpardaError(f"context {self.max_len} is full")
+        return np.asarray(tokens, np.int32).reshape(self.batch), positions
+
+    def decode(self, tokens: np.ndarray) -> jax.Array:
+        """One token per sequence, appended at each sequence's own length. Returns logits [B, V]."""
+        tokens, positions_np = self._decode_inputs(tokens)
         t0 = time.perf_counter()
         positions = jnp.asarray(positions_np[:, None].astype(np.int32))
         x = _embed(*self.top, jnp.asarray(tokens[:, None]))
@@ -393,11 +397,10 @@ class OffloadEngine:
         s = self.sparse.block_size
         for b in np.nonzero(positions % s == s - 1)[0]:
             blk = int(positions[b]) // s
-            slot = self.cache_slots + blk % 2
-            ks = np.asarray(_tail_rows(self.pool_k, int(b), slot))
-            vs = np.asarray(_tail_rows(self.pool_v, int(b), slot))
-            self.store.data[:, b, :, blk, 0] = ks
-            self.store.data[:, b, :, blk, 1] = vs
+            slot = (self.cache_slots + blk % 2,)
+            seq = jnp.asarray([b], jnp.int32)
+            self.store.data[:, b, :, blk, 0] = np.asarray(tail_rows(self.pool_k, slot, seq))[:, 0]
+            self.store.data[:, b, :, blk, 1] = np.asarray(tail_rows(self.pool_v, slot, seq))[:, 0]
 
     # ------------------------------------------------------------------------------------------------ benchmarks
     def fill_synthetic(self, length: int, seed: int = 0, fill_store: bool = True) -> None:
@@ -412,10 +415,10 @@ class OffloadEngine:
         self._load_tails(range(self.batch))
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _tail_rows(pools, b, slot: int):
-    """[L, KV, S, D]: one tail slot of sequence b in every layer's pool."""
-    return jnp.stack([p[b, :, slot] for p in pools])
+@functools.partial(jax.jit, static_argnums=(1,))
+def tail_rows(pools, slots: tuple, seqs):
+    """[L, n, KV, S, D]: tail slot slots[i] of sequence seqs[i], in every layer's pool."""
+    return jnp.stack([jnp.stack([p[b, :, s] for b, s in zip(seqs, slots)]) for p in pools])
 
 
 class ResidentEngine:

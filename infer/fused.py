@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer.engine import OffloadEngine, append_token, decode_select
+from infer.engine import OffloadEngine, append_token, decode_select, tail_rows
 from infer.telemetry import StepStats
 from infer.zero_copy import fill_slots, host_arrays
 from pallas_kernels.sparse_decode import sparse_decode_attention
@@ -142,12 +142,6 @@ def _fused_step(graphdef, params, state, tokens, positions, hosts, *, selector: 
     return logits, new_state, jnp.stack(counts)
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _tails(pools, slots: tuple, seqs):
-    """[L, n, KV, S, D]: tail slot slots[i] of sequence seqs[i], every layer."""
-    return jnp.stack([jnp.stack([p[b, :, s] for b, s in zip(seqs, slots)]) for p in pools])
-
-
 class FusedOffloadEngine(OffloadEngine):
     """`transfer='zero-copy'`: the fused device-resident decode step. Same constructor and API as OffloadEngine.
 
@@ -211,8 +205,8 @@ class FusedOffloadEngine(OffloadEngine):
         blocks = [int(positions[b]) // s - 2 for b in seqs]
         slots = tuple(self.cache_slots + j % 2 for j in blocks)
         seq_arr = jnp.asarray(np.asarray(seqs, np.int32))
-        ks = np.asarray(_tails(self.state["pool_k"], slots, seq_arr))
-        vs = np.asarray(_tails(self.state["pool_v"], slots, seq_arr))
+        ks = np.asarray(tail_rows(self.state["pool_k"], slots, seq_arr))
+        vs = np.asarray(tail_rows(self.state["pool_v"], slots, seq_arr))
         for i, (b, j) in enumerate(zip(seqs, blocks)):
             self.store.data[:, b, :, j, 0] = ks[:, i]
             self.store.data[:, b, :, j, 1] = vs[:, i]
@@ -220,14 +214,9 @@ class FusedOffloadEngine(OffloadEngine):
             self.hosts = host_arrays(self.store)
 
     def decode(self, tokens: np.ndarray) -> jax.Array:
-        if self._closed:
-            raise SpardaError("the engine is closed")
+        tokens, positions = self._decode_inputs(tokens)
         if self.state is None:
             raise SpardaError("prefill (or fill_synthetic) first")
-        tokens = np.asarray(tokens, np.int32).reshape(self.batch)
-        positions = self.lengths.copy()
-        if int(positions.max()) >= self.max_len:
-            raise SpardaError(f"context {self.max_len} is full")
         t0 = time.perf_counter()
         self._flush_due(positions)
         logits, self.state, counts = self._step(self._params, self.state, jnp.asarray(tokens),

@@ -15,10 +15,6 @@ import numpy as np
 from sparda_jax.errors import SpardaError
 
 
-def kv_store_bytes(num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, itemsize: int) -> int:
-    return num_layers * batch * kv_heads * max_len * 2 * head_dim * itemsize
-
-
 def available_host_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
