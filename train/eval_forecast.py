@@ -129,7 +129,6 @@ def per_token_nll(model, tokens, sparse, mode, query_chunk: int = 512):
     bs = sparse.block_size
     num_blocks = t // bs
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    query_block = (positions // bs)[:, None, :]
     inv_freq = rope_frequencies(c)
     mode = jnp.asarray(mode)
     x = model.embed[...][tokens]
@@ -141,7 +140,7 @@ def per_token_nll(model, tokens, sparse, mode, query_chunk: int = 512):
             selector = layer.attn.selector_query(layer.attn.q_select, h, positions, inv_freq)
         scores = jnp.where(mode == MODE_IDS["sparse"], selection.query_selector_scores(q, kc, positions, sparse),
                            selection.forecast_scores(selector, kc, positions, sparse))
-        ids = selection.select_blocks(selection.block_scores(scores, num_blocks, sparse), query_block, sparse)
+        ids = selection.select_for_queries(scores, positions, num_blocks, sparse, per_query_block=False)
         allowed = blocks_to_mask(ids, num_blocks) | (mode == MODE_IDS["dense"])  # [B, KV, T, NB]
         attn = _masked_attention(q, k, v, allowed, bs, query_chunk)
         x = layer.finish(x, attn)
