@@ -47,10 +47,11 @@ def forced_block_mask(query_block: jax.Array, num_blocks: int, cfg: SparseConfig
     return blocks_to_mask(selection.select_blocks(scores, query_block, only_forced), num_blocks)
 
 
-def selected_nonforced(scores: jax.Array, query_block: jax.Array, forced: jax.Array, cfg: SparseConfig) -> jax.Array:
-    """Compressed-key scores [..., C] -> [..., NB] bool: the top-k blocks `select_blocks` picks, minus forced ones."""
+def selected_nonforced(scores: jax.Array, positions: jax.Array, forced: jax.Array, cfg: SparseConfig) -> jax.Array:
+    """Compressed-key scores [B, KV, T, C] -> [B, KV, T, NB] bool: the blocks decoding selects per token, minus
+    the forced ones."""
     num_blocks = forced.shape[-1]
-    ids = selection.select_blocks(selection.block_scores(scores, num_blocks, cfg), query_block, cfg)
+    ids = selection.select_for_queries(scores, positions, num_blocks, cfg, per_query_block=False)
     return blocks_to_mask(ids, num_blocks) & ~forced
 
 
@@ -134,7 +135,7 @@ def layer_target(q: jax.Array, k: jax.Array, positions: jax.Array, cfg: SparseCo
     num_blocks = k.shape[-2] // cfg.block_size
     query_block = (positions // cfg.block_size)[:, None, :]
     forced = forced_block_mask(query_block, num_blocks, cfg)
-    nonforced = selected_nonforced(scores, query_block, forced, cfg)
+    nonforced = selected_nonforced(scores, positions, forced, cfg)
     return LayerTarget(teacher, scores, kc, nonforced, forced, jnp.isfinite(scores))
 
 
@@ -166,8 +167,7 @@ def recall_counts(predicted_nonforced: jax.Array, target_nonforced: jax.Array, p
 def selector_nonforced(f: jax.Array, target: LayerTarget, positions: jax.Array, cfg: SparseConfig) -> jax.Array:
     """The non-forced blocks a Forecast-style selector output f [B, KV, T, D] picks for the target layer."""
     scores = selection.forecast_scores(f, target.kc, positions, cfg)
-    query_block = (positions // cfg.block_size)[:, None, :]
-    return selected_nonforced(scores, query_block, target.forced, cfg)
+    return selected_nonforced(scores, positions, target.forced, cfg)
 
 
 def default_min_position(cfg: SparseConfig) -> int:
