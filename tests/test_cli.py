@@ -73,3 +73,4 @@ def test_json_output_and_streamed_text(tmp_path):
     assert len(data["token_ids"]) == 7 and data["prompt_token_ids"][0] == 1  # <|im_start|>
     assert "Paris" in data["text"] and "\n".join(streamed).strip() == data["text"].strip()
     assert "decode" in result.stderr and "tok/s" in result.stderr
+    assert data["dtype"] == "float32"  # the default off a GPU
