@@ -221,7 +221,7 @@ def _sparse_prefill_pallas(
         scale_log2=float(sm_scale) * LOG2E,
         block_size=block_size,
         blocks_per_tile=nb,
-        precision=dot_precision(q.dtype),
+        precision=dot_precision(q.dtype, interpret),
         id_source=id_source,
     )
     out = pl.pallas_call(
