@@ -77,18 +77,23 @@ class Run:
     pcie_gbps: float = float("nan")
     hidden_fraction: float = float("nan")
     variant: str = ""  # zero-copy: "" (compute stream), "stream" (gpu_stream:1), "nofetch" (fills skipped; timing)
+    first_call_s: float = 0.0  # compile + first step
     error: str = ""
 
 
-def time_engine(engine, batch: int, warmup: int, steps: int) -> tuple[float, list]:
+def time_engine(engine, batch: int, warmup: int, steps: int) -> tuple[float, list, float]:
+    """Median step seconds, the timed steps' stats, and the first call's seconds (compile included)."""
     tok = np.ones(batch, np.int32)
-    for _ in range(warmup):
+    t0 = time.perf_counter()
+    engine.decode(tok)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
         engine.decode(tok)
     n0 = len(engine.stats)
     for _ in range(steps):
         engine.decode(tok)
     st = engine.stats[n0:]
-    return float(np.median([s.seconds for s in st])), st
+    return float(np.median([s.seconds for s in st])), st, first
 
 
 def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfer, cache_slots, warmup, steps,
@@ -112,7 +117,7 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
     with eng:
         eng.fill_synthetic(ctx, fill_store=False)
         r.cache_slots = eng.cache_slots
-        r.step_s, st = time_engine(eng, batch, warmup, steps)
+        r.step_s, st, r.first_call_s = time_engine(eng, batch, warmup, steps)
     r.tok_s = batch / r.step_s
     hits = sum(s.total("hits") for s in st)
     miss = sum(s.total("misses") for s in st)
@@ -176,7 +181,7 @@ def resident_run(model, sparse, shape, mode, ctx, batch, warmup, steps):
     r = Run(shape, mode, ctx, batch)
     eng = ResidentEngine(model, sparse, mode=mode, batch=batch, max_len=ctx + 256)
     eng.fill_synthetic(ctx)
-    r.step_s, _ = time_engine(eng, batch, warmup, steps)
+    r.step_s, _, r.first_call_s = time_engine(eng, batch, warmup, steps)
     r.tok_s = batch / r.step_s
     del eng
     return r
@@ -262,6 +267,53 @@ print(json.dumps(dict(shape={shape!r}, context={ctx}, prefill_plus_1_s=short,
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
+    """The goal ratios per (shape, context, batch), from the runs of one result JSON.
+
+    sparda_vs_sparse_offload: tok/s ratio of the two offload modes (zero-copy, k slots). step_vs_bound: sparda-offload
+    step / max(GPU-only step, missed bytes / pcie_gbps), with the GPU-only step taken from the resident sparda run at
+    the same batch when it fits, else from the `nofetch` variant (same program, fills skipped). exposed_copy_ms:
+    step - nofetch step.
+    """
+    runs = [r for r in result["runs"] if not r["error"] and not r["mode"].startswith("prefill")]
+
+    def find(shape, ctx, b, mode, transfer="", variant="", slots_k=True):
+        for r in runs:
+            if (r["shape"], r["context"], r["batch"], r["mode"], r["variant"]) == (shape, ctx, b, mode, variant) and \
+                    (not transfer or r["transfer"] == transfer) and (not slots_k or r["cache_slots"] <= result.get(
+                        "top_k_blocks", 96)):
+                return r
+        return None
+
+    out = []
+    for shape, ctx in sorted({(r["shape"], r["context"]) for r in runs}):
+        for b in sorted({r["batch"] for r in runs if (r["shape"], r["context"]) == (shape, ctx)}):
+            row = dict(shape=shape, context=ctx, batch=b)
+            sd = find(shape, ctx, b, "sparda-offload", "zero-copy")
+            ss = find(shape, ctx, b, "sparse-offload", "zero-copy")
+            nf = find(shape, ctx, b, "sparda-offload", "zero-copy", "nofetch")
+            res = find(shape, ctx, b, "sparda")
+            if sd and ss:
+                row["sparda_vs_sparse_offload"] = sd["tok_s"] / ss["tok_s"]
+            if sd:
+                gpu = res["step_s"] if res else (nf["step_s"] if nf else None)
+                if gpu:
+                    row["step_vs_bound"] = sd["step_s"] / max(gpu, sd["mb_per_step"] / 1e3 / pcie_gbps)
+                    row["bound_from"] = "resident sparda" if res else "nofetch"
+                if nf:
+                    row["exposed_copy_ms"] = (sd["step_s"] - nf["step_s"]) * 1e3
+            if len(row) > 3:
+                out.append(row)
+        tops = {m: max((r["tok_s"] for r in runs if (r["shape"], r["context"], r["mode"]) == (shape, ctx, m)
+                        and not r["variant"] and r["cache_slots"] <= result.get("top_k_blocks", 96)), default=0.0)
+                for m in ("sparse", "sparda-offload")}
+        if all(tops.values()):
+            out.append(dict(shape=shape, context=ctx, largest_batch_throughput_ratio=tops["sparda-offload"] /
+                            tops["sparse"], sparda_offload_best_tok_s=tops["sparda-offload"],
+                            sparse_resident_best_tok_s=tops["sparse"]))
+    return out
+
+
 def plots(result: dict, out: Path) -> None:
     try:
         import matplotlib
@@ -276,15 +328,31 @@ def plots(result: dict, out: Path) -> None:
         fig, axes = plt.subplots(1, len(ctxs), figsize=(6 * len(ctxs), 4.5), squeeze=False)
         for ctx, ax in zip(ctxs, axes[0]):
             sel = [r for r in runs if r["shape"] == shape and r["context"] == ctx]
-            for key in sorted({(r["mode"], r["transfer"], r["cache_slots"]) for r in sel}):
-                pts = sorted((r["batch"], r["tok_s"]) for r in sel if (r["mode"], r["transfer"], r["cache_slots"]) == key)
-                label = key[0] + (f" {key[1]}" if key[1] else "") + (f" cache {key[2]}" if key[2] else "")
+            for key in sorted({(r["mode"], r["transfer"], r["cache_slots"], r["variant"]) for r in sel}):
+                pts = sorted((r["batch"], r["tok_s"]) for r in sel
+                             if (r["mode"], r["transfer"], r["cache_slots"], r["variant"]) == key)
+                label = " ".join(str(x) for x in (key[0], key[1], f"{key[2]} slots" if key[2] else "", key[3]) if x)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
             ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tok/s", title=f"{shape}, {ctx // 1024}K")
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"decode_{shape}.png", dpi=110)
         plt.close(fig)
+
+
+def merge(paths: list[str], out: Path) -> None:
+    parts = [json.loads(Path(x).read_text()) for x in paths]
+    if len({(r["device"], r["jax"]) for r in parts}) != 1:
+        raise SystemExit("error: the result files come from different devices or jax versions")
+    result = {k: v for k, v in parts[0].items() if k not in ("runs", "summary", "command")}
+    result["commands"] = [r["command"] for r in parts]
+    result["runs"] = [run for r in parts for run in r["runs"] if not run["error"]]
+    out.mkdir(parents=True, exist_ok=True)
+    plots(result, out)
+    result["summary"] = summarize(result)
+    (out / "engine_bench_merged.json").write_text(json.dumps(result, indent=1))
+    for row in result["summary"]:
+        log("summary", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
 
 
 def main():
@@ -297,7 +365,9 @@ def main():
     p.add_argument("--top-k-blocks", type=int, default=96)
     p.add_argument("--local-blocks", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=0, help="cap on the largest batch tried (0 = none)")
-    p.add_argument("--host-gb", type=float, default=100.0, help="host memory for the KV store")
+    p.add_argument("--host-gb", type=float, default=60.0, help="host memory for the KV store (pinned: 60 worked on "
+                   "the 128 GB H100 host, 90 did not)")
+    p.add_argument("--resident-margin-gb", type=float, default=20.0, help="HBM left free next to a resident run's KV")
     p.add_argument("--budget-s", type=float, default=500.0)
     p.add_argument("--locality", default="bench_results/engine/locality_smollm2.json")
     p.add_argument("--probe", action="store_true", help="raw transfer-path probe first")
@@ -318,7 +388,12 @@ def main():
     p.add_argument("--shape-budgets", default="", help="seconds per shape, comma-separated (default: all to the "
                    "first)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_results/engine"))
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="no runs: merge these result files (runs of one device "
+                   "split over several calls) into --out/engine_bench_merged.json with its plot and summary")
     a = p.parse_args()
+    if a.merge:
+        merge(a.merge, Path(a.out))
+        return
 
     import jax
     import jax.numpy as jnp
@@ -336,7 +411,7 @@ def main():
         return
     dev = jax.devices()[0]
     result = {"date": datetime.date.today().isoformat(), "device": dev.device_kind, "command": " ".join(sys.argv),
-              "jax": jax.__version__, "locality_source": a.locality, "runs": []}
+              "jax": jax.__version__, "locality_source": a.locality, "top_k_blocks": a.top_k_blocks, "runs": []}
     locality = json.loads(Path(a.locality).read_text())
     sparse = SparseConfig(top_k_blocks=a.top_k_blocks, local_blocks=a.local_blocks)
     path = out / f"engine_bench_{'_'.join(a.shapes.split(','))}.json"
@@ -373,16 +448,17 @@ def main():
             b_off = max(1, int(a.host_gb * 1e9 // seq_host))
             if a.max_batch:
                 b_off = min(b_off, a.max_batch)
-            # resident: KV + compressed keys must fit next to the weights, with 6 GB for activations and compiles
-            # resident: KV + compressed keys next to the weights, 12 GB left for activations, compiles and
-            # fragmentation (with 6 GB, B=49 at 32K ran into the allocator's retry loop on the H100)
-            b_res = max(0, int((weights_free - 12e9) // (seq_host * (1 + 1 / 32))))
+            # resident: KV + compressed keys next to the weights, --resident-margin-gb left for activations, compiles
+            # and fragmentation (B=49 with 6 GB and B=43 with 12 GB at 32K hung in the allocator's retry loop, H100)
+            b_res = max(0, int((weights_free - a.resident_margin_gb * 1e9) // (seq_host * (1 + 1 / 32))))
             log(f"ctx {ctx}: largest batch resident {b_res}, offload (host {a.host_gb} GB) {b_off}")
             t_alloc = time.time()
             store = HostKVStore(c.num_layers, b_off, c.num_kv_heads, max_len, 64, c.head_dim, jnp.bfloat16,
                                 host_memory_gb=a.host_gb)
             store.fill()
             log(f"store {store.nbytes / 1e9:.1f} GB pinned={store.pinned} in {time.time() - t_alloc:.1f}s")
+            if not store.pinned:  # 90 GB could not be pinned on the H100 host (128 GB); 60 GB could
+                log("WARNING: the host store is not pinned: zero-copy runs will fail; lower --host-gb")
             plan = []
             transfers = a.transfers.split(",")
             extra = [int(x) for x in a.extra_batches.split(",")] if a.extra_batches else [1, batches[-1]]
@@ -443,6 +519,9 @@ def main():
                 save()
         del model
     plots(result, out)
+    result["summary"] = summarize(result)
+    for row in result["summary"]:
+        log("summary", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
     save()
 
 

@@ -460,9 +460,14 @@ class ResidentEngine:
     def fill_synthetic(self, length: int, seed: int = 0) -> None:
         key = jax.random.key(seed)
         c = self.cache
-        rnd = lambda i, x: jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)  # noqa: E731
-        self.cache = KVCache([rnd(i, x) for i, x in enumerate(c.k)], [rnd(100 + i, x) for i, x in enumerate(c.v)],
-                             [rnd(200 + i, x) for i, x in enumerate(c.kc)], jnp.full_like(c.lengths, length))
+        specs = [[(x.shape, x.dtype) for x in xs] for xs in (c.k, c.v, c.kc)]
+        lengths = jnp.full_like(c.lengths, length)
+        # Drop the zero cache first: holding it while the random one is built needs twice the KV in HBM, which hung
+        # resident B=36 at 32K (paper 8B shape, H100) in the allocator's retry loop.
+        self.cache = c = None
+        rnd = [[jax.random.normal(jax.random.fold_in(key, 100 * j + i), shape, dtype)
+                for i, (shape, dtype) in enumerate(spec)] for j, spec in enumerate(specs)]
+        self.cache = KVCache(*rnd, lengths)
 
     def close(self) -> None:
         pass
