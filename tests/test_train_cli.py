@@ -139,6 +139,7 @@ def _cli(module, *args):
     (["--out", "x", "--dtype", "float16"], "invalid choice"),
     ([], "required: --out"),
     (["--out", "x", "--init-from", "/nonexistent/forecast"], "Forecast directory not found"),
+    (["--out", "x", "--batch", "4", "--micro-batch", "3"], "--micro-batch must divide --batch 4"),
 ])
 def test_train_cli_errors_are_one_line(args, message):
     code, err = _cli("train.forecast", *args)

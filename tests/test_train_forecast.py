@@ -154,3 +154,19 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path):
                            run_info={}, max_seconds=0.0, progress=False)
     assert len(records) == 1
     assert (tmp_path / "checkpoints" / "1").is_dir()
+
+
+def test_micro_batches_give_the_full_batch_step():
+    # The same 4 sequences as one forward and as 2 x 2: the loss is a mean over equally many counted positions per
+    # sequence, so the averaged micro-batch gradients, the optimizer step and the metrics agree.
+    rows = _rows(4)
+    full, split = ForecastTrainer(_model(), SPARSE, OptimConfig(lr=1e-2)), \
+        ForecastTrainer(_model(), SPARSE, OptimConfig(lr=1e-2), micro_batches=2)
+    a, b = full.train_step(rows), split.train_step(rows)
+    assert a["recall"] == b["recall"] and np.isclose(a["loss"], b["loss"], rtol=1e-5)
+    assert np.isclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+    fa, fb = _flat(nnx.state(full.model(), ForecastParam)), _flat(nnx.state(split.model(), ForecastParam))
+    for key in fa:
+        np.testing.assert_allclose(fa[key], fb[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    with pytest.raises(SpardaError, match="micro-batches"):
+        split.train_step(rows[:3])

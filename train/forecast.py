@@ -53,7 +53,7 @@ def make_optimizer(cfg: OptimConfig):
 class ForecastTrainer:
     """Holds the split model (trainable Forecast state, frozen rest), the optimizer state and the jitted step."""
 
-    def __init__(self, model, sparse, optim: OptimConfig = OptimConfig()):
+    def __init__(self, model, sparse, optim: OptimConfig = OptimConfig(), micro_batches: int = 1):
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -63,6 +63,7 @@ class ForecastTrainer:
         self.config = model.config
         self.sparse = sparse
         self.dtype = model.dtype
+        self.micro_batches = micro_batches
         self.tx = make_optimizer(optim)
         self.graphdef, trainable, self.frozen = nnx.split(model, ForecastParam, ...)
         # float32 master weights for the Forecast, whatever the backbone's dtype.
@@ -73,9 +74,11 @@ class ForecastTrainer:
     def train_step(self, tokens: np.ndarray) -> dict[str, Any]:
         import jax
 
+        if tokens.shape[0] % self.micro_batches:
+            raise SpardaError(f"a batch of {tokens.shape[0]} does not split into {self.micro_batches} micro-batches")
         self.trainable, self.opt_state, loss, metrics = _train_step(
             self.trainable, self.frozen, self.opt_state, tokens, graphdef=self.graphdef, tx=self.tx,
-            sparse=self.sparse)
+            sparse=self.sparse, micro_batches=self.micro_batches)
         self.step += 1
         metrics = jax.device_get(metrics)
         hits, total = metrics["recall_hits"].astype(np.float64), metrics["recall_total"].astype(np.float64)
@@ -133,16 +136,22 @@ class ForecastTrainer:
 def _jitted_step():
     import jax
 
-    return jax.jit(_step, static_argnames=("graphdef", "tx", "sparse"), donate_argnums=(0, 2))
+    return jax.jit(_step, static_argnames=("graphdef", "tx", "sparse", "micro_batches"), donate_argnums=(0, 2))
 
 
 def _train_step(*args, **kwargs):
     return _jitted_step()(*args, **kwargs)
 
 
-def _step(trainable, frozen, opt_state, tokens, *, graphdef, tx, sparse):
-    """One optimizer step: dense forward with captures, then the loss as a function of the Forecast alone."""
+def _step(trainable, frozen, opt_state, tokens, *, graphdef, tx, sparse, micro_batches=1):
+    """One optimizer step: dense forward with captures, then the loss as a function of the Forecast alone.
+
+    micro_batches > 1 splits the batch into that many equal parts run one after another (lax.scan), with the
+    gradients and metrics averaged (hits and totals summed): the paper's global batch of 32 at 8K tokens does not fit
+    one forward of SmolLM2's captures in memory.
+    """
     import jax
+    import jax.numpy as jnp
     import optax
     from flax import nnx
 
@@ -151,13 +160,23 @@ def _step(trainable, frozen, opt_state, tokens, *, graphdef, tx, sparse):
 
     model = nnx.merge(graphdef, trainable, frozen)
     b, t = tokens.shape
-    cache = KVCache.create(model.config, sparse, b, t, model.dtype)
-    _, _, captures = model(tokens, cache, mode="dense", sparse=sparse, capture=True)
 
-    def loss_fn(params):
-        return distillation_loss(nnx.merge(graphdef, params, frozen), captures, sparse)
+    def loss_and_grads(part):
+        cache = KVCache.create(model.config, sparse, part.shape[0], t, model.dtype)
+        _, _, captures = model(part, cache, mode="dense", sparse=sparse, capture=True)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        def loss_fn(params):
+            return distillation_loss(nnx.merge(graphdef, params, frozen), captures, sparse)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+
+    parts = tokens.reshape(micro_batches, b // micro_batches, t)
+    zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(loss_and_grads, parts[0]))
+    ((loss, metrics), grads), _ = jax.lax.scan(
+        lambda total, part: (jax.tree.map(jnp.add, total, loss_and_grads(part)), None), zero, parts)
+    scale = 1.0 / micro_batches
+    loss, grads = loss * scale, jax.tree.map(lambda g: g * scale, grads)
+    metrics = dict(metrics, loss=metrics["loss"] * scale)  # per-layer losses are means; hits and totals are counts
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     return trainable, opt_state, loss, dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -243,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated sources: austen, pg, hotpotqa, squad, a .txt/.jsonl file, a folder of "
                         ".txt files; or one .npy of token ids (already the training split)")
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--micro-batch", type=int, help="sequences per forward (divides --batch; default: all of it): the "
+                   "gradients of --batch / --micro-batch forwards are averaged, e.g. the paper's batch 32 as 8 x 4")
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (a multiple of 64)")
     p.add_argument("--lr", type=float, default=OptimConfig.lr)
     p.add_argument("--out", required=True, help="run directory (checkpoints, log, final forecast/)")
@@ -270,6 +291,8 @@ def _validate(args) -> SparseConfig:
             raise SpardaError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.seq_len % 64:
         raise SpardaError(f"--seq-len must be a multiple of 64 (the block size), got {args.seq_len}")
+    if args.micro_batch is not None and not (0 < args.micro_batch <= args.batch and args.batch % args.micro_batch == 0):
+        raise SpardaError(f"--micro-batch must divide --batch {args.batch}, got {args.micro_batch}")
     if not args.lr > 0:
         raise SpardaError(f"--lr must be positive, got {args.lr}")
     if args.max_minutes is not None and not args.max_minutes > 0:
@@ -324,12 +347,14 @@ def run(argv: list[str] | None = None) -> int:
     model = build_model(checkpoint.weights, checkpoint.config, dtype=dtype, forecast_init=args.init)
     if args.init_from is not None:
         load_forecast(model, args.init_from)
-    trainer = ForecastTrainer(model, sparse, dataclasses.replace(OptimConfig(), lr=args.lr))
+    trainer = ForecastTrainer(model, sparse, dataclasses.replace(OptimConfig(), lr=args.lr),
+                              micro_batches=args.batch // (args.micro_batch or args.batch))
     run_info = {"model": str(checkpoint.path.name), "data": args.data, "seq_len": args.seq_len, "batch": args.batch,
                 "lr": args.lr, "dtype": args.dtype, "seed": args.seed, "init": args.init,
                 "init_from": None if args.init_from is None else str(Path(args.init_from).absolute()),
                 "top_k_blocks": args.top_k_blocks, "local_blocks": args.local_blocks,
-                "heldout_fraction": args.heldout_fraction, "train_sequences": int(len(rows)),
+                "heldout_fraction": args.heldout_fraction, "micro_batch": args.micro_batch or args.batch,
+                "train_sequences": int(len(rows)),
                 "forecast_parameters": model.forecast_parameter_count()}
     print(f"training {run_info['forecast_parameters']:,} Forecast parameters on {len(rows)} sequences of "
           f"{args.seq_len} tokens, batch {args.batch}", file=sys.stderr)
