@@ -1,0 +1,35 @@
+"""The goal ratios `python -m infer.bench` reports, on a hand-made result with hand-computed answers."""
+
+import dataclasses
+
+import pytest
+
+from infer.bench import Run, summarize
+
+
+def _run(mode, batch, step_s, transfer="", variant="", mb=0.0, slots=0):
+    r = Run("s", mode, 1024, batch, transfer, slots, step_s=step_s, tok_s=batch / step_s, mb_per_step=mb,
+            variant=variant)
+    return dataclasses.asdict(r)
+
+
+def test_summary_ratios():
+    runs = [_run("sparse", 2, 0.004), _run("sparda", 2, 0.005),
+            _run("sparse-offload", 2, 0.020, "zero-copy", mb=520.0, slots=96),
+            _run("sparda-offload", 2, 0.010, "zero-copy", mb=520.0, slots=96),
+            _run("sparda-offload", 2, 0.008, "zero-copy", "nofetch", mb=520.0, slots=96),
+            _run("sparda-offload", 2, 0.009, "zero-copy", slots=384),  # a cache larger than k: not the k-slot mode
+            _run("sparda-offload", 8, 0.016, "zero-copy", mb=52.0, slots=96),
+            _run("sparda-offload", 8, 0.004, "zero-copy", "nofetch", slots=96),
+            dict(_run("sparse", 8, 0.001), error="OOM")]
+    rows = summarize({"runs": runs, "top_k_blocks": 96}, pcie_gbps=52.0)
+    b2, b8, best = rows
+    assert b2["sparda_vs_sparse_offload"] == pytest.approx(2.0)
+    # 10 ms against max(resident sparda 5 ms, 520 MB at 52 GB/s = 10 ms)
+    assert b2["step_vs_bound"] == pytest.approx(1.0) and b2["bound_from"] == "resident sparda"
+    assert b2["exposed_copy_ms"] == pytest.approx(2.0)
+    # no resident run at B=8: the bound is max(nofetch 4 ms, 1 ms of PCIe)
+    assert b8["step_vs_bound"] == pytest.approx(4.0) and b8["bound_from"] == "nofetch"
+    assert "sparda_vs_sparse_offload" not in b8
+    # best sparda-offload (k slots, no variant) 8 / 0.016 = 500 tok/s vs best resident sparse 2 / 0.004 = 500 tok/s
+    assert best["best_throughput_ratio"] == pytest.approx(1.0) and best["batches_run"] == [2, 8]
