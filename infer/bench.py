@@ -458,8 +458,10 @@ def main():
                                 host_memory_gb=a.host_gb)
             store.fill()
             log(f"store {store.nbytes / 1e9:.1f} GB pinned={store.pinned} in {time.time() - t_alloc:.1f}s")
-            if not store.pinned:  # 90 GB could not be pinned on the H100 host (128 GB); 60 GB could
-                log("WARNING: the host store is not pinned: zero-copy runs will fail; lower --host-gb")
+            if not store.pinned and "zero-copy" in a.transfers.split(",") and jax.default_backend() == "gpu":
+                # 90 GB could not be pinned on the H100 host (128 GB), 60 GB could; every zero-copy run would fail.
+                raise SystemExit(f"error: the {store.nbytes / 1e9:.0f} GB host store could not be pinned, which the "
+                                 "zero-copy path needs: lower --host-gb")
             plan = []
             transfers = a.transfers.split(",")
             extra = [int(x) for x in a.extra_batches.split(",")] if a.extra_batches else [1, batches[-1]]

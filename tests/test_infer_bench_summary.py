@@ -33,3 +33,24 @@ def test_summary_ratios():
     assert "sparda_vs_sparse_offload" not in b8
     # best sparda-offload (k slots, no variant) 8 / 0.016 = 500 tok/s vs best resident sparse 2 / 0.004 = 500 tok/s
     assert best["best_throughput_ratio"] == pytest.approx(1.0) and best["batches_run"] == [2, 8]
+
+
+def test_bench_runs_end_to_end_on_cpu(tmp_path):
+    # Not a timing: the script's plan, both offload modes, the JSON, the summary and the plot work on the tiny shape.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "infer.bench", "--shapes", "tiny", "--contexts", "2048", "--batches",
+                           "1", "--max-batch", "1", "--host-gb", "0.01", "--top-k-blocks", "16", "--local-blocks", "4",
+                           "--transfers", "zero-copy", "--variants", "nofetch", "--extra-batches", "1", "--steps", "1",
+                           "--warmup", "1", "--prefill", "0", "--hf-peer", "0", "--out", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "engine_bench_tiny.json").read_text())
+    runs = {(r["mode"], r["variant"]): r for r in result["runs"]}
+    assert set(runs) == {("sparse-offload", ""), ("sparda-offload", ""), ("sparda-offload", "nofetch")}
+    assert all(not r["error"] and r["tok_s"] > 0 and 0 < r["hit_rate"] <= 1 for r in runs.values())
+    assert result["summary"][0]["bound_from"] == "nofetch" and (tmp_path / "decode_tiny.png").exists()
