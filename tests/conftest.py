@@ -26,3 +26,16 @@ def smollm2_tokenizer(smollm2_checkpoint):
     from sparda_jax.tokenizer import load_tokenizer
 
     return load_tokenizer(smollm2_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_model():
+    """3 layers, GQA 4/2, head_dim 8: the engine tests (offload and fused) compare against the resident model on it."""
+    from flax import nnx
+
+    from sparda_jax.config import ModelConfig
+    from sparda_jax.model import Transformer
+
+    config = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                         num_kv_heads=2, head_dim=8, max_context=2048)
+    return Transformer(config, rngs=nnx.Rngs(3))

@@ -4,22 +4,13 @@ import threading
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from infer.engine import OffloadEngine, ResidentEngine, make_engine
 from infer.slots import SlotMap
-from sparda_jax.config import ModelConfig, SparseConfig
+from sparda_jax.config import SparseConfig
 from sparda_jax.errors import SpardaError
-from sparda_jax.model import Transformer
 
-TINY = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
-                   head_dim=8, max_context=2048)
 SPARSE = SparseConfig(top_k_blocks=4, local_blocks=1)
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return Transformer(TINY, rngs=nnx.Rngs(3))
 
 
 def test_slot_map_hits_misses_and_lru():
@@ -39,48 +30,48 @@ def _decode_both(model, sparse, mode, batch_lengths, steps, **kwargs):
     b = len(batch_lengths)
     t = -(-max(batch_lengths) // 64) * 64
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, TINY.vocab_size, (b, t)).astype(np.int32)
+    tokens = rng.integers(0, model.config.vocab_size, (b, t)).astype(np.int32)
     lengths = np.asarray(batch_lengths)
     ref = ResidentEngine(model, sparse, mode=mode, batch=b, max_len=1024)
     off = OffloadEngine(model, sparse, mode=mode + "-offload", batch=b, max_len=1024, prefill_chunk=128, **kwargs)
     with off:
         np.testing.assert_allclose(off.prefill(tokens, lengths), ref.prefill(tokens, lengths), rtol=2e-5, atol=2e-5)
         for step in range(steps):
-            nxt = rng.integers(0, TINY.vocab_size, (b,))
+            nxt = rng.integers(0, model.config.vocab_size, (b,))
             np.testing.assert_allclose(off.decode(nxt), ref.decode(nxt), rtol=2e-5, atol=2e-5, err_msg=f"step {step}")
         return off.stats
 
 
 @pytest.mark.parametrize("mode,transfer", [("sparda", "host-gather"), ("sparse", "host-gather")])
-def test_offload_logits_match_resident(tiny_model, mode, transfer):
+def test_offload_logits_match_resident(tiny_engine_model, mode, transfer):
     # Two sequences of different lengths; 70 steps cross block boundaries (tail flush, compressed keys) and the
     # pool of exactly k slots forces evictions.
-    stats = _decode_both(tiny_model, SPARSE, mode, [300, 253], 70, transfer=transfer)
+    stats = _decode_both(tiny_engine_model, SPARSE, mode, [300, 253], 70, transfer=transfer)
     decode = [s for s in stats if s.kind == "decode"]
     assert sum(s.total("misses") for s in decode[1:]) > 0
     assert all(s.total("bytes") == s.total("misses") * 2 * 64 * 8 * 4 for s in decode)
 
 
-def test_block_cache_lowers_misses(tiny_model):
-    small = _decode_both(tiny_model, SPARSE, "sparda", [500], 40)
-    large = _decode_both(tiny_model, SPARSE, "sparda", [500], 40, cache_slots=16)
+def test_block_cache_lowers_misses(tiny_engine_model):
+    small = _decode_both(tiny_engine_model, SPARSE, "sparda", [500], 40)
+    large = _decode_both(tiny_engine_model, SPARSE, "sparda", [500], 40, cache_slots=16)
     count = lambda st: sum(s.total("misses") for s in st if s.kind == "decode")  # noqa: E731
     assert count(large) < count(small)
 
 
-def test_budget_error_before_allocation(tiny_model, monkeypatch):
+def test_budget_error_before_allocation(tiny_engine_model, monkeypatch):
     import infer.host_store as hs
 
     monkeypatch.setattr(hs.HostKVStore, "_allocate", lambda *a: pytest.fail("allocated despite the budget"))
     with pytest.raises(SpardaError, match="host-memory-gb"):
-        OffloadEngine(tiny_model, SPARSE, mode="sparda-offload", batch=4, max_len=1024, host_memory_gb=1e-6)
+        OffloadEngine(tiny_engine_model, SPARSE, mode="sparda-offload", batch=4, max_len=1024, host_memory_gb=1e-6)
     with pytest.raises(SpardaError, match="unknown engine mode"):
-        make_engine(tiny_model, SPARSE, "offload", batch=1, max_len=1024)
+        make_engine(tiny_engine_model, SPARSE, "offload", batch=1, max_len=1024)
 
 
-def test_prefetch_exception_reaches_caller_and_threads_join(tiny_model):
-    engine = OffloadEngine(tiny_model, SPARSE, mode="sparda-offload", batch=1, max_len=1024)
-    tokens = np.arange(320, dtype=np.int32)[None] % TINY.vocab_size
+def test_prefetch_exception_reaches_caller_and_threads_join(tiny_engine_model):
+    engine = OffloadEngine(tiny_engine_model, SPARSE, mode="sparda-offload", batch=1, max_len=1024)
+    tokens = np.arange(320, dtype=np.int32)[None] % tiny_engine_model.config.vocab_size
     engine.prefill(tokens)
     original = engine.store.flat
 

@@ -4,22 +4,13 @@ at every step, and the device slot map's misses equal the host `SlotMap` on the 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from infer.engine import ResidentEngine, make_engine
 from infer.fused import FusedOffloadEngine
 from infer.slots import SlotMap
-from sparda_jax.config import ModelConfig, SparseConfig
-from sparda_jax.model import Transformer
+from sparda_jax.config import SparseConfig
 
-TINY = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
-                   head_dim=8, max_context=2048)
 SPARSE = SparseConfig(top_k_blocks=4, local_blocks=1)
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return Transformer(TINY, rngs=nnx.Rngs(3))
 
 
 def _record(layer, ids, positions, state):
@@ -30,22 +21,22 @@ def _record(layer, ids, positions, state):
 
 
 @pytest.mark.parametrize("mode", ["sparse", "sparda"])
-def test_fused_matches_resident_and_slot_map(tiny_model, mode):
+def test_fused_matches_resident_and_slot_map(tiny_engine_model, mode):
     lengths = np.array([300, 253])  # two sequences of different lengths
     b, steps = 2, 70  # crosses block boundaries (tail flushes, compressed keys); k slots force evictions
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, TINY.vocab_size, (b, 320)).astype(np.int32)
-    ref = ResidentEngine(tiny_model, SPARSE, mode=mode, batch=b, max_len=1024)
-    hook_state = tuple(jnp.zeros((b, TINY.num_kv_heads, SPARSE.top_k_blocks), jnp.int32)
-                       for _ in range(TINY.num_layers))
-    eng = make_engine(tiny_model, SPARSE, mode + "-offload", batch=b, max_len=1024, prefill_chunk=128,
+    tokens = rng.integers(0, tiny_engine_model.config.vocab_size, (b, 320)).astype(np.int32)
+    ref = ResidentEngine(tiny_engine_model, SPARSE, mode=mode, batch=b, max_len=1024)
+    hook_state = tuple(jnp.zeros((b, tiny_engine_model.config.num_kv_heads, SPARSE.top_k_blocks), jnp.int32)
+                       for _ in range(tiny_engine_model.config.num_layers))
+    eng = make_engine(tiny_engine_model, SPARSE, mode + "-offload", batch=b, max_len=1024, prefill_chunk=128,
                       transfer="zero-copy", selection_hook=_record, hook_state=hook_state)
     assert isinstance(eng, FusedOffloadEngine)
-    maps = [SlotMap(b, TINY.num_kv_heads, 1024 // 64, SPARSE.top_k_blocks, 64) for _ in range(TINY.num_layers)]
+    maps = [SlotMap(b, tiny_engine_model.config.num_kv_heads, 1024 // 64, SPARSE.top_k_blocks, 64) for _ in range(tiny_engine_model.config.num_layers)]
     with eng:
         np.testing.assert_allclose(eng.prefill(tokens, lengths), ref.prefill(tokens, lengths), rtol=2e-5, atol=2e-5)
         for step in range(steps):
-            nxt = rng.integers(0, TINY.vocab_size, (b,))
+            nxt = rng.integers(0, tiny_engine_model.config.vocab_size, (b,))
             positions = eng.lengths.copy()
             np.testing.assert_allclose(eng.decode(nxt), ref.decode(nxt), rtol=2e-5, atol=2e-5,
                                        err_msg=f"step {step}")
