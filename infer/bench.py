@@ -277,11 +277,12 @@ def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
     """
     runs = [r for r in result["runs"] if not r["error"] and not r["mode"].startswith("prefill")]
 
-    def find(shape, ctx, b, mode, transfer="", variant="", slots_k=True):
+    k = result.get("top_k_blocks", 96)  # runs with more cache slots than k are the block-cache variant
+
+    def find(shape, ctx, b, mode, transfer="", variant=""):
         for r in runs:
             if (r["shape"], r["context"], r["batch"], r["mode"], r["variant"]) == (shape, ctx, b, mode, variant) and \
-                    (not transfer or r["transfer"] == transfer) and (not slots_k or r["cache_slots"] <= result.get(
-                        "top_k_blocks", 96)):
+                    (not transfer or r["transfer"] == transfer) and r["cache_slots"] <= k:
                 return r
         return None
 
@@ -305,7 +306,7 @@ def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
             if len(row) > 3:
                 out.append(row)
         tops = {m: max((r["tok_s"] for r in runs if (r["shape"], r["context"], r["mode"]) == (shape, ctx, m)
-                        and not r["variant"] and r["cache_slots"] <= result.get("top_k_blocks", 96)), default=0.0)
+                        and not r["variant"] and r["cache_slots"] <= k), default=0.0)
                 for m in ("sparse", "sparda-offload")}
         if all(tops.values()):
             # The largest-batch goal when each mode's largest feasible batch was among the runs.
@@ -341,6 +342,12 @@ def plots(result: dict, out: Path) -> None:
         plt.close(fig)
 
 
+def add_summary(result: dict) -> None:
+    result["summary"] = summarize(result)
+    for row in result["summary"]:
+        log("summary", {key: round(v, 3) if isinstance(v, float) else v for key, v in row.items()})
+
+
 def merge(paths: list[str], out: Path) -> None:
     parts = [json.loads(Path(x).read_text()) for x in paths]
     if len({(r["device"], r["jax"]) for r in parts}) != 1:
@@ -350,10 +357,8 @@ def merge(paths: list[str], out: Path) -> None:
     result["runs"] = [run for r in parts for run in r["runs"] if not run["error"]]
     out.mkdir(parents=True, exist_ok=True)
     plots(result, out)
-    result["summary"] = summarize(result)
+    add_summary(result)
     (out / "engine_bench_merged.json").write_text(json.dumps(result, indent=1))
-    for row in result["summary"]:
-        log("summary", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
 
 
 def main():
@@ -522,9 +527,7 @@ def main():
                 save()
         del model
     plots(result, out)
-    result["summary"] = summarize(result)
-    for row in result["summary"]:
-        log("summary", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+    add_summary(result)
     save()
 
 

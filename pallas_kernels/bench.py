@@ -557,19 +557,19 @@ def run_tune(quick=False, rows=None, save=lambda: None):
             got.append(m[0]["gbps"])
         return _geomean(got)
 
-    def sweep(cfgs):
+    def sweep(cfgs, cases, run_case, show, iters):
         for cfg in cfgs:
-            for case in dcases:
-                r = run_decode_case(case, ["ours"], cfg=cfg, iters=5)
+            for case in cases:
+                r = run_case(case, ["ours"], cfg=cfg, iters=iters)
                 rows.extend(r)
-                _print_decode(r, header=False)
+                show(r, header=False)
                 sys.stdout.flush()
             save()
 
-    sweep(configs)
+    sweep(configs, dcases, run_decode_case, _print_decode, 5)
     best = max(configs, key=score)
     more = [dict(best, max_tiles_per_split=t) for t in (16, 64)] + [dict(best, num_warps=8)]
-    sweep(more)
+    sweep(more, dcases, run_decode_case, _print_decode, 5)
     best_decode = max(configs + more, key=score)
 
     pcase = TUNE_PREFILL_CASE
@@ -579,22 +579,14 @@ def run_tune(quick=False, rows=None, save=lambda: None):
     if quick:
         pconfigs = pconfigs[::2]
 
-    def psweep(cfgs):
-        for cfg in cfgs:
-            r = run_prefill_case(pcase, ["ours"], cfg=cfg, iters=3)
-            rows.extend(r)
-            _print_prefill(r, header=False)
-            sys.stdout.flush()
-            save()
-
     def pscore(cfg):
         m = [r["tflops"] for r in rows if r.get("config") == cfg and "tflops" in r]
         return m[0] if m else 0.0
 
-    psweep(pconfigs)
+    sweep(pconfigs, [pcase], run_prefill_case, _print_prefill, 3)
     pbest = max(pconfigs, key=pscore)
     pmore = [dict(pbest, id_source="preload"), dict(pbest, blocks_per_tile=2)]
-    psweep(pmore)
+    sweep(pmore, [pcase], run_prefill_case, _print_prefill, 3)
     best_prefill = max(pconfigs + pmore, key=pscore)
 
     print("\n== tuning: best per shape ==")

@@ -1,6 +1,10 @@
 """The goal ratios `python -m infer.bench` reports, on a hand-made result with hand-computed answers."""
 
 import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -37,11 +41,6 @@ def test_summary_ratios():
 
 def test_bench_runs_end_to_end_on_cpu(tmp_path):
     # Not a timing: the script's plan, both offload modes, the JSON, the summary and the plot work on the tiny shape.
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "infer.bench", "--shapes", "tiny", "--contexts", "2048", "--batches",
                            "1", "--max-batch", "1", "--host-gb", "0.01", "--top-k-blocks", "16", "--local-blocks", "4",
