@@ -78,7 +78,12 @@ class Run:
     hidden_fraction: float = float("nan")
     variant: str = ""  # zero-copy: "" (compute stream), "stream" (gpu_stream:1), "nofetch" (fills skipped; timing)
     first_call_s: float = 0.0  # compile + first step
+    replay: str = ""  # zero-copy selection replay: "trace" (precomputed) or "in-step" (drawn inside the step)
+    profile: dict = dataclasses.field(default_factory=dict)  # --profile: infer.trace_summary of traced steps
     error: str = ""
+
+
+PROFILE_STEPS = 2
 
 
 def time_engine(engine, batch: int, warmup: int, steps: int) -> tuple[float, list, float]:
@@ -96,19 +101,46 @@ def time_engine(engine, batch: int, warmup: int, steps: int) -> tuple[float, lis
     return float(np.median([s.seconds for s in st])), st, first
 
 
+def profile_engine(engine, batch: int, run: Run, out: Path) -> None:
+    """PROFILE_STEPS more steps under the jax profiler (after the timed ones): their summary goes into `run`, the
+    timeline into out/profiles/."""
+    import tempfile
+
+    import jax
+
+    from infer.trace_summary import find_perfetto_trace, load_trace, plot_timeline, summarize_trace
+
+    tok = np.ones(batch, np.int32)
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(PROFILE_STEPS):
+                engine.decode(tok)
+        trace = load_trace(find_perfetto_trace(tmp))
+    run.profile = summarize_trace(trace, PROFILE_STEPS)
+    name = "_".join(str(x) for x in (run.shape, run.context, run.batch, run.mode, run.transfer, run.cache_slots,
+                                     run.variant) if x)
+    (out / "profiles").mkdir(parents=True, exist_ok=True)
+    plot_timeline(trace, out / "profiles" / f"{name}.png", f"{name}: {PROFILE_STEPS} decode steps")
+
+
 def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfer, cache_slots, warmup, steps,
-                variant=""):
+                variant="", replay="trace", profile_out: Path | None = None):
     from infer.engine import OffloadEngine
     from infer.fused import FusedOffloadEngine
-    from infer.locality import ReplaySelector, device_replay
+    from infer.locality import ReplaySelector, device_replay, replay_trace, trace_hook
 
     c = model.config
     stats = locality["modes"]["sparse-offload" if mode == "sparse-offload" else "sparda-offload"]
     r = Run(shape, mode, ctx, batch, transfer, cache_slots, variant=variant)
     kw = dict(mode=mode, batch=batch, max_len=store.num_blocks * 64, cache_slots=cache_slots, store=store)
     if transfer == "zero-copy":
-        hook, hstate = device_replay(stats, c.num_layers, batch, c.num_kv_heads, sparse.top_k_blocks,
-                                     sparse.local_blocks, ctx)
+        r.replay = replay
+        replay_args = (stats, c.num_layers, batch, c.num_kv_heads, sparse.top_k_blocks, sparse.local_blocks, ctx)
+        if replay == "trace":  # every step time_engine (and profile_engine) runs, drawn before the timing
+            traced = PROFILE_STEPS if profile_out is not None else 0
+            hook, hstate = trace_hook(replay_trace(*replay_args, steps=warmup + steps + traced))
+        else:
+            hook, hstate = device_replay(*replay_args)
         eng = FusedOffloadEngine(model, sparse, selection_hook=hook, hook_state=hstate, stream=variant == "stream",
                                  fetch=variant != "nofetch", **kw)
     else:
@@ -118,6 +150,8 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
         eng.fill_synthetic(ctx, fill_store=False)
         r.cache_slots = eng.cache_slots
         r.step_s, st, r.first_call_s = time_engine(eng, batch, warmup, steps)
+        if profile_out is not None:
+            profile_engine(eng, batch, r, profile_out)
     r.tok_s = batch / r.step_s
     hits = sum(s.total("hits") for s in st)
     miss = sum(s.total("misses") for s in st)
@@ -175,13 +209,15 @@ def fill_probe(out: dict) -> None:
     out["fill_probe"] = res
 
 
-def resident_run(model, sparse, shape, mode, ctx, batch, warmup, steps):
+def resident_run(model, sparse, shape, mode, ctx, batch, warmup, steps, profile_out: Path | None = None):
     from infer.engine import ResidentEngine
 
     r = Run(shape, mode, ctx, batch)
     eng = ResidentEngine(model, sparse, mode=mode, batch=batch, max_len=ctx + 256)
     eng.fill_synthetic(ctx)
     r.step_s, _, r.first_call_s = time_engine(eng, batch, warmup, steps)
+    if profile_out is not None:
+        profile_engine(eng, batch, r, profile_out)
     r.tok_s = batch / r.step_s
     del eng
     return r
@@ -376,6 +412,11 @@ def main():
     p.add_argument("--resident-margin-gb", type=float, default=20.0, help="HBM left free next to a resident run's KV")
     p.add_argument("--budget-s", type=float, default=500.0)
     p.add_argument("--locality", default="bench_results/engine/locality_smollm2.json")
+    p.add_argument("--profile", action="store_true", help=f"trace {PROFILE_STEPS} more steps of every decode run "
+                   "with the jax profiler: per-stream kernel time by category in the JSON, timelines in --out/profiles")
+    p.add_argument("--replay", default="trace", choices=("trace", "in-step"),
+                   help="zero-copy runs: play a selection trace drawn before timing (default), or draw it inside the "
+                        "timed step as the 2026-11-23 runs did")
     p.add_argument("--probe", action="store_true", help="raw transfer-path probe first")
     p.add_argument("--prefill", type=int, default=16384, help="prefill context (0 = skip)")
     p.add_argument("--hf-peer", type=int, default=32768, help="HF offloaded-cache peer context (0 = skip)")
@@ -494,10 +535,11 @@ def main():
                 t_run = time.time()
                 try:
                     if kind == "resident":
-                        r = resident_run(model, sparse, shape, mode, ctx, b, a.warmup, a.steps)
+                        r = resident_run(model, sparse, shape, mode, ctx, b, a.warmup, a.steps,
+                                         out if a.profile else None)
                     else:
                         r = offload_run(model, sparse, shape, mode, ctx, b, store, locality, transfer, slots or None,
-                                        a.warmup, a.steps, variant)
+                                        a.warmup, a.steps, variant, a.replay, out if a.profile else None)
                 except Exception as e:  # OOM and the like: record and go on
                     r = Run(shape, mode, ctx, b, transfer, slots, variant=variant,
                             error=f"{type(e).__name__}: {e}"[:400])

@@ -249,3 +249,54 @@ def device_replay(stats: dict, num_layers: int, batch: int, kv_heads: int, top_k
         return out, (tuple(sel), tuple(dropped), key, draws)
 
     return hook, state
+
+
+def replay_trace(stats: dict, num_layers: int, batch: int, kv_heads: int, top_k: int, local: int, length: int,
+                 steps: int, block: int = 64, seed: int = 0):
+    """The selections `device_replay` would make over `steps` decode steps from context `length` (all sequences
+    equal), computed before any timing: [steps, L, B, KV, k] int32 on the device, for `trace_hook`."""
+    import jax
+    import jax.numpy as jnp
+
+    hook, state = device_replay(stats, num_layers, batch, kv_heads, top_k, local, length, block, seed)
+
+    @jax.jit
+    def one_step(state, positions):
+        ids = jnp.zeros((batch, kv_heads, top_k), jnp.int32)
+        out = []
+        for layer in range(num_layers):
+            sel, state = hook(layer, ids, positions, state)
+            out.append(sel)
+        return jnp.stack(out), state
+
+    trace = []
+    for s in range(steps):
+        sel, state = one_step(state, jnp.full(batch, length + s, jnp.int32))
+        trace.append(sel)
+    return jnp.stack(trace)
+
+
+def trace_hook(trace):
+    """A device selection hook that plays `trace` [S, L, B, KV, k]: the n-th decode step selects trace[n % S].
+
+    Inside the timed step this costs one dynamic slice per step, where `device_replay` draws random numbers and
+    updates every layer's selection (sorts, membership tests, scatters): work that only the offload modes would be
+    charged for. Wrapping around after S steps jumps to an unrelated selection, so it can only overstate misses.
+    Returns (hook, state).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    num_steps, num_layers = trace.shape[:2]
+
+    def hook(layer, ids, positions, st):
+        full, step, current = st
+        if layer == 0:  # the first selection of every step, in both offload modes
+            current = jax.lax.dynamic_index_in_dim(full, step % num_steps, 0, keepdims=False)
+            step = step + 1
+        # The model's real selection stays live (a dependency XLA cannot remove), so the step pays for it.
+        out = jnp.where(ids == -12345, ids, current[layer])
+        return out, (full, step, current)
+
+    return hook, (trace, jnp.int32(0), jnp.zeros(trace.shape[1:], jnp.int32))
+

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infer.locality import ReplaySelector, device_replay, locality_from_trace
+from infer.locality import ReplaySelector, device_replay, locality_from_trace, replay_trace, trace_hook
 
 TOP_K, LOCAL, BLOCK, LAYERS, BATCH, KVH = 24, 4, 64, 3, 2, 2
 STATS = {"layers": [{"drift": 0.05, "recur": 0.6}, {"drift": 0.25, "recur": 0.9}, {"drift": 0.6, "recur": 0.9}]}
@@ -51,3 +51,25 @@ def test_replay_reproduces_drift_and_keeps_forced_blocks(make_trace):
     for given, got in zip(STATS["layers"], measured["layers"]):
         print(given, got)
         assert abs(got["drift"] - given["drift"]) < 0.03, (given, got)
+
+
+def test_trace_hook_plays_the_in_step_replay():
+    """The precomputed trace, played by `trace_hook`, gives at every step the selections the in-step replay made
+    (same seed), and wraps around after its last step. Both offload modes plan layers 0, 1, ..., L-1 in order."""
+    steps = 6
+    expected = device_trace()[:steps]
+    hook, state = trace_hook(replay_trace(STATS, LAYERS, BATCH, KVH, TOP_K, LOCAL, START, steps))
+
+    @jax.jit
+    def step(state):
+        ids = jnp.zeros((BATCH, KVH, TOP_K), jnp.int32)
+        out = []
+        for layer in range(LAYERS):
+            sel, state = hook(layer, ids, jnp.zeros(BATCH, jnp.int32), state)
+            out.append(sel)
+        return out, state
+
+    for s in range(steps + 2):
+        got, state = step(state)
+        for layer in range(LAYERS):
+            np.testing.assert_array_equal(np.asarray(got[layer]), expected[s % steps][layer], err_msg=f"step {s}")

@@ -1,0 +1,156 @@
+"""Where a decode step's GPU time goes: a summary of a `jax.profiler` trace (its perfetto JSON), and a timeline plot.
+
+`infer.bench --profile` traces a few steps of each run after timing them and attaches `summarize_trace` of that
+trace to the run. Per GPU stream it reports the busy time (union of its kernels and copies), the time per kernel
+category, the number of kernels, and, over all streams, the idle time and the time two streams ran at once (what a
+second stream hides). Categories come from kernel names (our Pallas kernels are named `sparda_*`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+# First match wins; matched against the lower-cased kernel name.
+CATEGORIES = (
+    ("fill", r"sparda_fill"),
+    ("attention", r"sparda_decode|sparda_prefill|sparse_decode|sparse_prefill"),
+    ("copy", r"memcpy|memset|copy_start|copy_done|dynamic_update_slice_copy"),
+    ("matmul", r"gemm|gemv|cublas|cutlass|xmma|nvjet|matmul|dot"),
+    ("sort", r"sort"),
+    ("scatter", r"scatter"),
+    ("reduce", r"reduce|argmax|cumsum"),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, pattern in CATEGORIES:
+        if re.search(pattern, low):
+            return cat
+    return "other"
+
+
+def load_trace(path: str | Path) -> dict:
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return json.load(f)
+
+
+def find_perfetto_trace(log_dir: str | Path) -> Path:
+    found = sorted(Path(log_dir).rglob("perfetto_trace.json*"))
+    if not found:
+        raise FileNotFoundError(f"no perfetto_trace.json(.gz) under {log_dir}")
+    return found[-1]
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def device_streams(trace: dict) -> dict[str, list[dict]]:
+    """{stream name: its complete events} for every GPU stream in the trace. Device processes are those whose name
+    mentions a GPU; within them only threads named like streams carry kernels (others hold per-op or per-module
+    summaries of the same time, which would count it twice)."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    proc_names, thread_names = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            proc_names[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            thread_names[(e["pid"], e["tid"])] = e["args"]["name"]
+    gpu_pids = {pid for pid, name in proc_names.items() if re.search(r"gpu|/device:", name, re.I)}
+    streams: dict[str, list[dict]] = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+            continue
+        tname = thread_names.get((e["pid"], e.get("tid")), str(e.get("tid")))
+        if not re.search(r"stream", tname, re.I):
+            continue
+        streams.setdefault(f"{proc_names[e['pid']]} {tname}", []).append(e)
+    return streams
+
+
+def summarize_trace(trace: dict, steps: int = 1) -> dict[str, Any]:
+    """Busy / idle / overlapped microseconds (per step) and per-category kernel time per stream."""
+    streams = device_streams(trace)
+    out: dict[str, Any] = {"steps": steps, "streams": {}}
+    if not streams:
+        out["error"] = "no GPU stream events in the trace"
+        return out
+    busy = {}
+    for name, evs in streams.items():
+        intervals = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in evs]
+        busy[name] = _union(intervals)
+        cats: dict[str, float] = {}
+        for e in evs:
+            cat = category(e["name"])
+            cats[cat] = cats.get(cat, 0.0) + float(e.get("dur", 0)) / steps
+        out["streams"][name] = {"kernels_per_step": len(evs) / steps, "busy_us_per_step": _length(busy[name]) / steps,
+                                "category_us_per_step": dict(sorted(cats.items(), key=lambda kv: -kv[1]))}
+    everything = _union([iv for ivs in busy.values() for iv in ivs])
+    span = everything[-1][1] - everything[0][0]
+    names = sorted(busy)
+    overlap = _union([iv for i, a in enumerate(names) for b in names[i + 1:]
+                      for iv in _intersection(busy[a], busy[b])])
+    out.update(span_us_per_step=span / steps, busy_us_per_step=_length(everything) / steps,
+               idle_us_per_step=(span - _length(everything)) / steps, overlap_us_per_step=_length(overlap) / steps)
+    return out
+
+
+def plot_timeline(trace: dict, path: str | Path, title: str = "") -> None:
+    """One lane per GPU stream, kernels coloured by category."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    streams = device_streams(trace)
+    if not streams:
+        return
+    t0 = min(float(e["ts"]) for evs in streams.values() for e in evs)
+    colours = {cat: f"C{i}" for i, cat in enumerate([c for c, _ in CATEGORIES] + ["other"])}
+    fig, ax = plt.subplots(figsize=(14, 1.2 + 0.6 * len(streams)))
+    for lane, (name, evs) in enumerate(sorted(streams.items())):
+        for cat in colours:
+            bars = [((float(e["ts"]) - t0) / 1e3, float(e.get("dur", 0)) / 1e3) for e in evs
+                    if category(e["name"]) == cat]
+            if bars:
+                ax.broken_barh(bars, (lane - 0.4, 0.8), color=colours[cat],
+                               label=cat if lane == 0 or cat not in ax.get_legend_handles_labels()[1] else None)
+    ax.set_yticks(range(len(streams)), [n[-40:] for n in sorted(streams)], fontsize=7)
+    ax.set_xlabel("ms")
+    ax.set_title(title, fontsize=9)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7, ncol=len(unique), loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
