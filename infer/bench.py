@@ -76,7 +76,9 @@ class Run:
     wait_s_per_step: float = 0.0
     pcie_gbps: float = float("nan")
     hidden_fraction: float = float("nan")
-    variant: str = ""  # zero-copy: "" (compute stream), "stream" (gpu_stream:1), "nofetch" (fills skipped; timing)
+    # zero-copy: "" (grid fill kernel, compute stream), "stream" (on gpu_stream:1), "persistent" (persistent fill
+    # kernel), "persistent+stream", "nofetch" (fills skipped; timing only)
+    variant: str = ""
     first_call_s: float = 0.0  # compile + first step
     replay: str = ""  # zero-copy selection replay: "trace" (precomputed) or "in-step" (drawn inside the step)
     profile: dict = dataclasses.field(default_factory=dict)  # --profile: infer.trace_summary of traced steps
@@ -141,8 +143,9 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
             hook, hstate = trace_hook(replay_trace(*replay_args, steps=warmup + steps + traced))
         else:
             hook, hstate = device_replay(*replay_args)
-        eng = FusedOffloadEngine(model, sparse, selection_hook=hook, hook_state=hstate, stream=variant == "stream",
-                                 fetch=variant != "nofetch", **kw)
+        eng = FusedOffloadEngine(model, sparse, selection_hook=hook, hook_state=hstate, stream="stream" in variant,
+                                 fetch=variant != "nofetch",
+                                 fill_kernel="persistent" if "persistent" in variant else "grid", **kw)
     else:
         replay = ReplaySelector(stats, c.num_layers, batch, c.num_kv_heads, sparse.top_k_blocks, sparse.local_blocks)
         eng = OffloadEngine(model, sparse, transfer=transfer, selection_override=replay, gather_threads=12, **kw)
@@ -425,7 +428,8 @@ def main():
     p.add_argument("--dense", action="store_true", help="also dense attention at batch 1, first context")
     p.add_argument("--quick", action="store_true", help="fewer configurations (fits one 10-minute call)")
     p.add_argument("--transfers", default="zero-copy,host-gather")
-    p.add_argument("--variants", default="nofetch,stream", help="zero-copy variants run at --extra-batches")
+    p.add_argument("--variants", default="nofetch,stream,persistent,persistent+stream",
+                   help="zero-copy variants run at --extra-batches")
     p.add_argument("--extra-batches", default="", help="batches that also get the variants / 4k-slot cache "
                    "(default: 1 and the last of --batches)")
     p.add_argument("--cache4k", action="store_true", help="also sparda-offload with a 4k-slot LRU cache")

@@ -13,6 +13,8 @@ jit; the device state is donated). Per layer:
 
 `sparda-offload`: layer l+1's Forecast selection, diff and fill are issued at layer l, before layer l's attention
 and MLP (optionally on a second stream, `stream=True`). `sparse-offload`: layer l's own selection, then its fill.
+`fill_kernel`: "grid" (one program per selected block and piece, the default) or "persistent" (a few programs loop
+over the compacted misses; the shape meant for a second stream).
 
 Hit / tail-hit / miss counts come back as one small [L, 3] device array per step, read lazily (no per-layer sync).
 Completed blocks reach the host store outside the step: a block completed at position 64j+63 stays in tail slot
@@ -33,7 +35,7 @@ from flax import nnx
 
 from infer.engine import OffloadEngine, append_token, decode_select, tail_rows
 from infer.telemetry import StepStats
-from infer.zero_copy import fill_slots, host_arrays
+from infer.zero_copy import compact_misses, fill_slots, fill_slots_persistent, host_arrays
 from pallas_kernels.sparse_decode import sparse_decode_attention
 from sparda_jax import selection
 from sparda_jax.config import SparseConfig
@@ -84,8 +86,12 @@ def slot_diff(ids, positions, slot_block, age, clock, *, num_blocks: int, block_
     return slot, lengths, src, dst, slot_block, age, counts
 
 
+FILL_KERNELS = ("grid", "persistent")
+
+
 def _fused_step(graphdef, params, state, tokens, positions, hosts, *, selector: str, sparse: SparseConfig,
-                num_blocks: int, interpret: bool, stream: bool, fetch: bool, hook: DeviceSelectionHook | None):
+                num_blocks: int, interpret: bool, stream: bool, fetch: bool, fill_kernel: str,
+                hook: DeviceSelectionHook | None):
     model = nnx.merge(graphdef, params)
     c = model.config
     inv_freq = rope_frequencies(c)
@@ -99,6 +105,8 @@ def _fused_step(graphdef, params, state, tokens, positions, hosts, *, selector: 
 
     def fill(layer, src, dst):
         def run(host, s_, d_, a, b):
+            if fill_kernel == "persistent":
+                return fill_slots_persistent(host, *compact_misses(s_, d_), a, b, interpret=interpret)
             return fill_slots(host, s_, d_, a, b, interpret=interpret)
 
         if stream:
@@ -146,13 +154,17 @@ class FusedOffloadEngine(OffloadEngine):
     """`transfer='zero-copy'`: the fused device-resident decode step. Same constructor and API as OffloadEngine.
 
     selection_hook: a `DeviceSelectionHook` (benchmarks; runs inside the jit). stream: put the fills on a second
-    GPU stream (`compute_on('gpu_stream:1')`). fetch=False skips the fills (timing only: results are wrong).
+    GPU stream (`compute_on('gpu_stream:1')`). fill_kernel: one of FILL_KERNELS. fetch=False skips the fills
+    (timing only: results are wrong).
     """
 
     def __init__(self, model, sparse: SparseConfig, *, selection_hook: DeviceSelectionHook | None = None,
-                 hook_state: Any = None, stream: bool = False, fetch: bool = True, **kwargs):
+                 hook_state: Any = None, stream: bool = False, fetch: bool = True, fill_kernel: str = "grid",
+                 **kwargs):
         if kwargs.get("selection_override") is not None:
             raise SpardaError("the fused engine takes a device selection_hook, not a host selection_override")
+        if fill_kernel not in FILL_KERNELS:
+            raise SpardaError(f"unknown fill kernel {fill_kernel!r} (choose from {', '.join(FILL_KERNELS)})")
         kwargs["transfer"] = "zero-copy"
         super().__init__(model, sparse, **kwargs)
         self.on_gpu = jax.default_backend() == "gpu"
@@ -161,7 +173,7 @@ class FusedOffloadEngine(OffloadEngine):
         opts = {"xla_gpu_experimental_stream_annotation": True} if stream else None
         step = functools.partial(_fused_step, self._graphdef, selector=self.selector, sparse=sparse,
                                  num_blocks=self.num_blocks, interpret=not self.on_gpu, stream=stream, fetch=fetch,
-                                 hook=selection_hook)
+                                 fill_kernel=fill_kernel, hook=selection_hook)
         self._step = jax.jit(step, donate_argnums=(1,), compiler_options=opts)
         self._hook_state = hook_state
         self.state = None

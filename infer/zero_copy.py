@@ -7,7 +7,12 @@ fails with XLA E1200 (CompileTimeHostOffloadOutputLocationMismatch). JAX only pa
 
 `fill_slots` copies row src[i] of the host array into pool slot dst[i] (K into the K pool, V into the V pool), in
 place (the pools are aliased to the outputs). Entries with src[i] < 0 are masked in the load and the store, so only
-missed blocks cross PCIe. One program per (entry, piece of the row).
+missed blocks cross PCIe. One program per (entry, piece of the row): the grid covers every selected block, hit or
+miss, and fills the whole GPU.
+
+`fill_slots_persistent` is the official runtime's shape (NOSI's persistent H2D kernel): a fixed, small number of
+programs loop over the misses only (`compact_misses` moves them to the front), so a fill on a second stream leaves
+most SMs to the layer's compute.
 """
 
 from __future__ import annotations
@@ -63,6 +68,65 @@ def fill_slots(host: jax.Array, src: jax.Array, dst: jax.Array, pool_k: jax.Arra
         interpret=interpret,
         name="sparda_fill_slots",
     )(src, dst, host, pool_k.reshape(flat), pool_v.reshape(flat))
+    return pk.reshape(pool_k.shape), pv.reshape(pool_v.shape)
+
+
+def compact_misses(src: jax.Array, dst: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """src, dst [N] (-1 = hit) -> the same entries with the misses first, in order, -1 after them; and the number
+    of misses [1] int32."""
+    n = src.shape[0]
+    miss = src >= 0
+    target = jnp.where(miss, jnp.cumsum(miss) - 1, n)  # out of range = dropped
+    empty = jnp.full((n,), -1, jnp.int32)
+    return (empty.at[target].set(src, mode="drop"), empty.at[target].set(dst, mode="drop"),
+            miss.sum(dtype=jnp.int32)[None])
+
+
+def _persistent_fill_kernel(count_ref, src_ref, dst_ref, host_ref, _pk_in, _pv_in, pk_ref, pv_ref, *,
+                            num_programs: int, width: int, half: int):
+    pid = pl.program_id(0)
+    mine = (count_ref[0] - pid + num_programs - 1) // num_programs  # entries pid, pid + P, ... below the count
+
+    def copy_entry(it, carry):
+        i = pid + it * num_programs
+        row, dst = src_ref[i], dst_ref[i]
+        for j in range(2 * half):  # unrolled: every piece's load is in flight before the stores wait on it
+            val = host_ref[row, pl.ds(j * width, width)]
+            out = pk_ref if j < half else pv_ref
+            out[dst, pl.ds((j % half) * width, width)] = val
+        return carry
+
+    jax.lax.fori_loop(0, mine, copy_entry, 0)
+
+
+def fill_slots_persistent(host: jax.Array, src: jax.Array, dst: jax.Array, count: jax.Array, pool_k: jax.Array,
+                          pool_v: jax.Array, *, num_programs: int = 32, width: int = 2048, num_warps: int = 4,
+                          interpret: bool = False):
+    """As `fill_slots`, for entries compacted by `compact_misses` (count [1]: how many lead), with `num_programs`
+    programs each looping over every num_programs-th miss. NOSI runs 16 (batch <= 16) or 32 CTAs on the H100."""
+    b, kvh, p, s, d = pool_k.shape
+    r, w = host.shape
+    half_elems = s * d
+    width = min(width, half_elems)
+    if w != 2 * half_elems or half_elems % width:
+        raise ValueError(f"host rows of {w} elements do not fit pool blocks of {s}x{d}")
+    if num_programs <= 0:
+        raise ValueError(f"num_programs must be positive, got {num_programs}")
+    n = src.shape[0]
+    flat = (b * kvh * p, half_elems)
+    whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
+    pk, pv = pl.pallas_call(
+        functools.partial(_persistent_fill_kernel, num_programs=num_programs, width=width,
+                          half=half_elems // width),
+        grid=(num_programs,),
+        in_specs=[whole((1,)), whole((n,)), whole((n,)), whole((r, w)), whole(flat), whole(flat)],
+        out_specs=[whole(flat), whole(flat)],
+        out_shape=[jax.ShapeDtypeStruct(flat, pool_k.dtype), jax.ShapeDtypeStruct(flat, pool_v.dtype)],
+        input_output_aliases={4: 0, 5: 1},
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="sparda_fill_slots_persistent",
+    )(count, src, dst, host, pool_k.reshape(flat), pool_v.reshape(flat))
     return pk.reshape(pool_k.shape), pv.reshape(pool_v.shape)
 
 

@@ -20,8 +20,8 @@ def _record(layer, ids, positions, state):
     return ids, tuple(state)
 
 
-@pytest.mark.parametrize("mode", ["sparse", "sparda"])
-def test_fused_matches_resident_and_slot_map(tiny_engine_model, mode):
+@pytest.mark.parametrize("mode,fill_kernel", [("sparse", "grid"), ("sparda", "grid"), ("sparda", "persistent")])
+def test_fused_matches_resident_and_slot_map(tiny_engine_model, mode, fill_kernel):
     lengths = np.array([300, 253])  # two sequences of different lengths
     b, steps = 2, 70  # crosses block boundaries (tail flushes, compressed keys); k slots force evictions
     rng = np.random.default_rng(0)
@@ -30,7 +30,7 @@ def test_fused_matches_resident_and_slot_map(tiny_engine_model, mode):
     hook_state = tuple(jnp.zeros((b, tiny_engine_model.config.num_kv_heads, SPARSE.top_k_blocks), jnp.int32)
                        for _ in range(tiny_engine_model.config.num_layers))
     eng = make_engine(tiny_engine_model, SPARSE, mode + "-offload", batch=b, max_len=1024, prefill_chunk=128,
-                      transfer="zero-copy", selection_hook=_record, hook_state=hook_state)
+                      transfer="zero-copy", selection_hook=_record, hook_state=hook_state, fill_kernel=fill_kernel)
     assert isinstance(eng, FusedOffloadEngine)
     maps = [SlotMap(b, tiny_engine_model.config.num_kv_heads, 1024 // 64, SPARSE.top_k_blocks, 64) for _ in range(tiny_engine_model.config.num_layers)]
     with eng:

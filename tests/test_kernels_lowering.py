@@ -1,8 +1,7 @@
 """The kernels lower to Triton IR for an H100 (no GPU needed): catches Triton-only constraints (power-of-two tensor
 sizes, dot shapes) that interpret mode does not enforce.
 
-This fakes the GPU-info query of jax's Triton lowering (a private jax module); if that module changes, the test is
-skipped rather than failed.
+The `fake_h100` fixture (conftest.py) fakes the GPU-info query of jax's Triton lowering.
 """
 
 import warnings
@@ -13,18 +12,6 @@ import pytest
 
 from pallas_kernels.sparse_decode import sparse_decode_attention
 from pallas_kernels.sparse_prefill import sparse_prefill_attention
-
-
-@pytest.fixture
-def fake_h100(monkeypatch):
-    try:
-        import jax._src.pallas.triton.pallas_call_registration as reg
-        from jax.experimental.pallas.triton import GpuVersion, get_gpu_info_from_version
-
-        info = get_gpu_info_from_version(GpuVersion.H100)
-        monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: info)
-    except Exception as e:  # pragma: no cover - depends on jax internals
-        pytest.skip(f"cannot fake the GPU for the Triton lowering: {e}")
 
 
 def _lower_for_cuda(fn, *shapes):
