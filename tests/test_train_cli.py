@@ -126,6 +126,28 @@ def test_init_from_starts_where_an_earlier_forecast_ended(tiny_model_dir, text_f
         assert close == should_match, run_dir
 
 
+def test_cached_training_end_to_end(tiny_model_dir, text_file, tmp_path):
+    from train import forecast
+
+    out, caps = tmp_path / "run", tmp_path / "caps"
+    common = ["--model", str(tiny_model_dir), "--data", str(text_file), "--batch", "2", "--seq-len", "512",
+              "--out", str(out), "--save-every", "2", "--top-k-blocks", "4", "--local-blocks", "1", "--cache-dir", "",
+              "--no-progress", "--heldout-fraction", "0", "--cache-positions", "32", "--cache-rows", "3",
+              "--capture-dir", str(caps)]
+    assert forecast.run(common + ["--steps", "2"]) == 0
+    rows = sorted(caps.glob("row*.npz"))
+    stamps = [p.stat().st_mtime_ns for p in rows]
+    assert len(rows) == 3
+    assert forecast.run(common + ["--steps", "3", "--resume"]) == 0
+    assert [p.stat().st_mtime_ns for p in rows] == stamps  # the captures were reused, not made again
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    info = json.loads((out / "run.json").read_text())
+    assert (info["cache_positions"], info["cache_rows"], info["loss_domain"]) == (32, 3, "nonforced")
+    with pytest.raises(SpardaError, match="loss_domain was 'nonforced', now 'paper'"):
+        forecast.run(common + ["--steps", "4", "--resume", "--loss-domain", "paper"])
+
+
 def _cli(module, *args):
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
@@ -140,6 +162,10 @@ def _cli(module, *args):
     ([], "required: --out"),
     (["--out", "x", "--init-from", "/nonexistent/forecast"], "Forecast directory not found"),
     (["--out", "x", "--batch", "4", "--micro-batch", "3"], "--micro-batch must divide --batch 4"),
+    (["--out", "x", "--cache-rows", "4"], "need --cache-positions"),
+    (["--out", "x", "--cache-positions", "8", "--batch", "4", "--micro-batch", "2"], "there is none to split"),
+    (["--out", "x", "--cache-positions", "-1"], "must not be negative"),
+    (["--out", "x", "--loss-domain", "everything"], "invalid choice"),
 ])
 def test_train_cli_errors_are_one_line(args, message):
     code, err = _cli("train.forecast", *args)

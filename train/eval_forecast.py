@@ -61,7 +61,7 @@ def recall_counts_per_layer(model, forecast_states: dict[str, Any], tokens, spar
     out = {}
     for name, state in forecast_states.items():
         nnx.update(model, state)
-        outputs = L.selector_outputs(model, captures, positions)
+        outputs = L.selector_outputs(model, [c.attn_input for c in captures], positions)
         counts = [L.recall_counts(L.selector_nonforced(f, tg, positions, sparse), tg.nonforced, positions,
                                   min_position) for f, tg in zip(outputs, targets)]
         out[name] = (jnp.stack([h for h, _ in counts]), jnp.stack([n for _, n in counts]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import sys
 import time
@@ -53,17 +54,22 @@ def make_optimizer(cfg: OptimConfig):
 class ForecastTrainer:
     """Holds the split model (trainable Forecast state, frozen rest), the optimizer state and the jitted step."""
 
-    def __init__(self, model, sparse, optim: OptimConfig = OptimConfig(), micro_batches: int = 1):
+    def __init__(self, model, sparse, optim: OptimConfig = OptimConfig(), micro_batches: int = 1,
+                 domain: str = "nonforced"):
         import jax
         import jax.numpy as jnp
         from flax import nnx
 
         from sparda_jax.model import ForecastParam
+        from train.loss import LOSS_DOMAINS
 
+        if domain not in LOSS_DOMAINS:
+            raise SpardaError(f"unknown loss domain {domain!r} (choose from {', '.join(LOSS_DOMAINS)})")
         self.config = model.config
         self.sparse = sparse
         self.dtype = model.dtype
         self.micro_batches = micro_batches
+        self.domain = domain
         self.tx = make_optimizer(optim)
         self.graphdef, trainable, self.frozen = nnx.split(model, ForecastParam, ...)
         # float32 master weights for the Forecast, whatever the backbone's dtype.
@@ -71,14 +77,24 @@ class ForecastTrainer:
         self.opt_state = self.tx.init(self.trainable)
         self.step = 0
 
-    def train_step(self, tokens: np.ndarray) -> dict[str, Any]:
+    def train_step(self, batch) -> dict[str, Any]:
+        """One optimizer step on token rows [B, T] (dense forward, then the loss) or on a `SampledCaptures` batch
+        (the loss alone, at the cached positions)."""
         import jax
 
-        if tokens.shape[0] % self.micro_batches:
-            raise SpardaError(f"a batch of {tokens.shape[0]} does not split into {self.micro_batches} micro-batches")
-        self.trainable, self.opt_state, loss, metrics = _train_step(
-            self.trainable, self.frozen, self.opt_state, tokens, graphdef=self.graphdef, tx=self.tx,
-            sparse=self.sparse, micro_batches=self.micro_batches)
+        from train.captures import SampledCaptures
+
+        if isinstance(batch, SampledCaptures):
+            self.trainable, self.opt_state, loss, metrics = _jitted_cached_step()(
+                self.trainable, self.frozen, self.opt_state, batch, graphdef=self.graphdef, tx=self.tx,
+                sparse=self.sparse, domain=self.domain)
+        else:
+            if batch.shape[0] % self.micro_batches:
+                raise SpardaError(f"a batch of {batch.shape[0]} does not split into {self.micro_batches} "
+                                  "micro-batches")
+            self.trainable, self.opt_state, loss, metrics = _train_step(
+                self.trainable, self.frozen, self.opt_state, batch, graphdef=self.graphdef, tx=self.tx,
+                sparse=self.sparse, micro_batches=self.micro_batches, domain=self.domain)
         self.step += 1
         metrics = jax.device_get(metrics)
         hits, total = metrics["recall_hits"].astype(np.float64), metrics["recall_total"].astype(np.float64)
@@ -136,14 +152,52 @@ class ForecastTrainer:
 def _jitted_step():
     import jax
 
-    return jax.jit(_step, static_argnames=("graphdef", "tx", "sparse", "micro_batches"), donate_argnums=(0, 2))
+    return jax.jit(_step, static_argnames=("graphdef", "tx", "sparse", "micro_batches", "domain"),
+                   donate_argnums=(0, 2))
 
 
 def _train_step(*args, **kwargs):
     return _jitted_step()(*args, **kwargs)
 
 
-def _step(trainable, frozen, opt_state, tokens, *, graphdef, tx, sparse, micro_batches=1):
+@functools.cache
+def _jitted_cached_step():
+    import jax
+
+    return jax.jit(_cached_step, static_argnames=("graphdef", "tx", "sparse", "domain"),
+                   donate_argnums=(0, 2))
+
+
+def _apply_update(trainable, opt_state, tx, grads):
+    import optax
+
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state
+
+
+def _cached_step(trainable, frozen, opt_state, batch, *, graphdef, tx, sparse, domain):
+    """One optimizer step on cached captures: no backbone forward (`train.captures`)."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from train.loss import sampled_distillation_loss
+
+    layers = batch.attn_input.shape[1]
+
+    def loss_fn(params):
+        return sampled_distillation_loss(nnx.merge(graphdef, params, frozen),
+                                         [batch.attn_input[:, i] for i in range(layers)],
+                                         [batch.q[:, i] for i in range(layers)],
+                                         [batch.kc[:, i] for i in range(layers)], batch.positions, batch.num_blocks,
+                                         sparse, domain=domain)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    trainable, opt_state = _apply_update(trainable, opt_state, tx, grads)
+    return trainable, opt_state, loss, dict(metrics, grad_norm=optax.tree.norm(grads))
+
+
+def _step(trainable, frozen, opt_state, tokens, *, graphdef, tx, sparse, micro_batches=1, domain="nonforced"):
     """One optimizer step: dense forward with captures, then the loss as a function of the Forecast alone.
 
     micro_batches > 1 splits the batch into that many equal parts run one after another (lax.scan), with the
@@ -166,7 +220,7 @@ def _step(trainable, frozen, opt_state, tokens, *, graphdef, tx, sparse, micro_b
         _, _, captures = model(part, cache, mode="dense", sparse=sparse, capture=True)
 
         def loss_fn(params):
-            return distillation_loss(nnx.merge(graphdef, params, frozen), captures, sparse)
+            return distillation_loss(nnx.merge(graphdef, params, frozen), captures, sparse, domain=domain)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
 
@@ -177,8 +231,7 @@ def _step(trainable, frozen, opt_state, tokens, *, graphdef, tx, sparse, micro_b
     scale = 1.0 / micro_batches
     loss, grads = loss * scale, jax.tree.map(lambda g: g * scale, grads)
     metrics = dict(metrics, loss=metrics["loss"] * scale)  # per-layer losses are means; hits and totals are counts
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
+    trainable, opt_state = _apply_update(trainable, opt_state, tx, grads)
     return trainable, opt_state, loss, dict(metrics, grad_norm=optax.tree.norm(grads))
 
 
@@ -248,7 +301,7 @@ def run_training(trainer: ForecastTrainer, batches: Callable[[int], np.ndarray],
 
 # Settings that must not change between a run and its --resume (the step count and time budget may).
 RESUME_MUST_MATCH = ("model", "data", "seq_len", "batch", "lr", "dtype", "seed", "init", "init_from", "top_k_blocks",
-                     "local_blocks", "heldout_fraction")
+                     "local_blocks", "heldout_fraction", "loss_domain", "cache_positions", "cache_rows")
 
 
 
@@ -280,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-blocks", type=int, default=SparseConfig.local_blocks)
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="documents held out from training")
     p.add_argument("--cache-dir", default="runs/data_cache", help="where tokenised data is cached ('' = none)")
+    p.add_argument("--loss-domain", default="nonforced", choices=("nonforced", "paper"),
+                   help="keys the KL runs over: those of non-forced blocks (default) or every visible key "
+                        "(SPARDA.md §4 as written); see train.loss.layer_loss")
+    p.add_argument("--cache-positions", type=int, default=0, help="capture the frozen backbone once per training "
+                   "sequence at this many sampled query positions and train on those captures (0 = a forward every "
+                   "step); see train.captures")
+    p.add_argument("--cache-rows", type=int, default=0, help="with --cache-positions: capture only this many "
+                   "(seeded) training sequences (0 = all)")
+    p.add_argument("--capture-dir", help="with --cache-positions: where the captures live (default: "
+                   "runs/capture_cache/<key of the settings>)")
     p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this much training time")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -295,6 +358,12 @@ def _validate(args) -> SparseConfig:
         raise SpardaError(f"--micro-batch must divide --batch {args.batch}, got {args.micro_batch}")
     if not args.lr > 0:
         raise SpardaError(f"--lr must be positive, got {args.lr}")
+    if args.cache_positions < 0 or args.cache_rows < 0:
+        raise SpardaError("--cache-positions and --cache-rows must not be negative")
+    if args.cache_positions and args.micro_batch is not None:
+        raise SpardaError("--micro-batch splits forwards; with --cache-positions there is none to split")
+    if (args.cache_rows or args.capture_dir) and not args.cache_positions:
+        raise SpardaError("--cache-rows and --capture-dir need --cache-positions")
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise SpardaError(f"--max-minutes must be positive, got {args.max_minutes}")
     if args.model is not None and not Path(args.model).exists():
@@ -325,6 +394,31 @@ def training_rows(args, tokenizer) -> np.ndarray:
     return rows
 
 
+def cached_batches(args, model, sparse, rows: np.ndarray, model_name: str):
+    """Captures (a seeded subset of) the training rows once (`train.captures`); returns the rows used and
+    `batches(i)`, the i-th batch of their captures."""
+    from train.captures import CaptureStore
+    from train.data import BatchStream
+    from train.loss import default_min_position
+
+    if args.cache_rows and args.cache_rows < len(rows):
+        rows = rows[np.sort(np.random.default_rng(args.seed).permutation(len(rows))[:args.cache_rows])]
+    start = default_min_position(sparse)
+    if args.cache_positions > args.seq_len - start:
+        raise SpardaError(f"--cache-positions {args.cache_positions} exceeds the {args.seq_len - start} query "
+                          f"positions from {start} on")
+    settings = {"model": model_name, "data": args.data, "seq_len": args.seq_len, "heldout_fraction":
+                args.heldout_fraction, "rows": int(len(rows)), "rows_seed": args.seed, "dtype": args.dtype,
+                "positions_per_row": args.cache_positions, "start": start, "seed": args.seed,
+                "block_size": sparse.block_size, "compress_kernel": sparse.compress_kernel,
+                "compress_stride": sparse.compress_stride,
+                "rows_sha256": hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest()[:16]}
+    store = CaptureStore(args.capture_dir or CaptureStore.default_dir("runs/capture_cache", settings), settings)
+    store.build(model, sparse, rows, progress=not args.no_progress)
+    stream = BatchStream(np.arange(len(rows))[:, None], args.batch, args.seed)
+    return rows, lambda i: store.load(stream.batch(i)[:, 0])
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sparse = _validate(args)
@@ -342,23 +436,27 @@ def run(argv: list[str] | None = None) -> int:
         raise SpardaError(f"--seq-len {args.seq_len} exceeds the model's context of {checkpoint.config.max_context}")
     tokenizer = load_tokenizer(checkpoint)
     rows = training_rows(args, tokenizer)
-    stream = BatchStream(rows, args.batch, args.seed)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = build_model(checkpoint.weights, checkpoint.config, dtype=dtype, forecast_init=args.init)
     if args.init_from is not None:
         load_forecast(model, args.init_from)
+    if args.cache_positions:
+        rows, batches = cached_batches(args, model, sparse, rows, checkpoint.path.name)
+    else:
+        batches = BatchStream(rows, args.batch, args.seed).batch
     trainer = ForecastTrainer(model, sparse, dataclasses.replace(OptimConfig(), lr=args.lr),
-                              micro_batches=args.batch // (args.micro_batch or args.batch))
+                              micro_batches=args.batch // (args.micro_batch or args.batch), domain=args.loss_domain)
     run_info = {"model": str(checkpoint.path.name), "data": args.data, "seq_len": args.seq_len, "batch": args.batch,
                 "lr": args.lr, "dtype": args.dtype, "seed": args.seed, "init": args.init,
                 "init_from": None if args.init_from is None else str(Path(args.init_from).absolute()),
                 "top_k_blocks": args.top_k_blocks, "local_blocks": args.local_blocks,
                 "heldout_fraction": args.heldout_fraction, "micro_batch": args.micro_batch or args.batch,
+                "loss_domain": args.loss_domain, "cache_positions": args.cache_positions, "cache_rows": args.cache_rows,
                 "train_sequences": int(len(rows)),
                 "forecast_parameters": model.forecast_parameter_count()}
     print(f"training {run_info['forecast_parameters']:,} Forecast parameters on {len(rows)} sequences of "
           f"{args.seq_len} tokens, batch {args.batch}", file=sys.stderr)
-    records = run_training(trainer, stream.batch, steps=args.steps, out=Path(args.out), save_every=args.save_every,
+    records = run_training(trainer, batches, steps=args.steps, out=Path(args.out), save_every=args.save_every,
                            resume=args.resume, run_info=run_info,
                            max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
                            progress=not args.no_progress)

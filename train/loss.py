@@ -128,27 +128,55 @@ class LayerTarget:
 
 
 def layer_target(q: jax.Array, k: jax.Array, positions: jax.Array, cfg: SparseConfig) -> LayerTarget:
-    kc = selection.compress_keys(k, cfg)
+    """The target of one layer from its queries q [B, KV, G, T, D] and keys k [B, KV, Tk, D] (post-RoPE)."""
+    return target_from_compressed(q, selection.compress_keys(k, cfg), positions, k.shape[-2] // cfg.block_size, cfg)
+
+
+def target_from_compressed(q: jax.Array, kc: jax.Array, positions: jax.Array, num_blocks: int,
+                           cfg: SparseConfig) -> LayerTarget:
+    """As `layer_target`, from the compressed keys kc [B, KV, C, D]; positions [B, T] may be any query positions
+    (the cached captures of `train.captures` hold a sample of them)."""
     scores = selection.query_selector_scores(q, kc, positions, cfg)
     group = q.shape[2]
     teacher = jnp.where(jnp.isfinite(scores), scores / group, 0.0)
-    num_blocks = k.shape[-2] // cfg.block_size
     query_block = (positions // cfg.block_size)[:, None, :]
     forced = forced_block_mask(query_block, num_blocks, cfg)
     nonforced = selected_nonforced(scores, positions, forced, cfg)
     return LayerTarget(teacher, scores, kc, nonforced, forced, jnp.isfinite(scores))
 
 
-def layer_loss(f: jax.Array, target: LayerTarget, positions: jax.Array,
-               cfg: SparseConfig) -> tuple[jax.Array, jax.Array]:
+# Which compressed keys the KL runs over: "nonforced" (default) drops the keys that only feed forced blocks,
+# "paper" keeps every visible key, as SPARDA.md §4 reads.
+LOSS_DOMAINS = ("nonforced", "paper")
+
+
+def layer_loss(f: jax.Array, target: LayerTarget, positions: jax.Array, cfg: SparseConfig,
+               domain: str = "nonforced") -> tuple[jax.Array, jax.Array]:
     """Distillation loss of one selector output f [B, KV, T, D] against its layer's target.
+
+    domain (LOSS_DOMAINS): the forced sink and local blocks are attended whatever the selector scores, yet they
+    hold much of the teacher's mass (the local window above all). With domain "paper" that mass sits in the rest
+    bin, where the student may match it by putting mass anywhere, including on a key it then ranks above a
+    selected block. "nonforced" takes the forced blocks' keys out of the distribution (teacher and student are
+    renormalised over the keys of visible non-forced blocks), so the rest bin holds exactly the non-forced mass the
+    teacher did not select. On SmolLM2 this raised held-out recall@16 where the paper's domain had stopped
+    (README, §The shipped SmolLM2-135M Forecast).
 
     Returns (loss, weight): the mean KL over (KV head, position) pairs whose teacher selected at least one non-forced
     block, and the number of such pairs (positions before that have nothing to learn).
     """
+    if domain not in LOSS_DOMAINS:
+        raise ValueError(f"unknown loss domain {domain!r} (choose from {', '.join(LOSS_DOMAINS)})")
+    num_keys = target.kc.shape[-2]
     logits = selection.forecast_scores(f, target.kc, positions, cfg) * f.shape[-1] ** -0.5
-    bins = keys_of_blocks(target.nonforced, target.kc.shape[-2], cfg)
-    kl = restricted_kl(target.teacher, logits, bins, target.visible)
+    bins = keys_of_blocks(target.nonforced, num_keys, cfg)
+    visible = target.visible
+    if domain == "nonforced":
+        num_blocks = target.forced.shape[-1]
+        query_block = (positions // cfg.block_size)[:, None, :, None]
+        candidates = (jnp.arange(num_blocks) <= query_block) & ~target.forced
+        visible = visible & keys_of_blocks(candidates, num_keys, cfg)
+    kl = restricted_kl(target.teacher, logits, bins, visible)
     counted = target.nonforced.any(-1)
     weight = counted.sum()
     return jnp.where(counted, kl, 0.0).sum() / jnp.maximum(weight, 1), weight
@@ -178,45 +206,59 @@ def default_min_position(cfg: SparseConfig) -> int:
 # ------------------------------------------------------------------------------------------------ whole model
 
 
-def selector_outputs(model: Transformer, captures: Sequence[LayerCapture], positions: jax.Array) -> list[jax.Array]:
+def selector_outputs(model: Transformer, attn_inputs: Sequence[jax.Array], positions: jax.Array) -> list[jax.Array]:
     """What selects layer l's blocks in SparDA, for every layer l: layer 0's q_select on h_0, then the Forecast of
-    layer l-1 on h_{l-1}. Each is [B, KV, T, D]."""
+    layer l-1 on h_{l-1}. attn_inputs[l] = h_l [B, T, hidden]; each output is [B, KV, T, D]."""
     inv_freq = rope_frequencies(model.config)
     outs = []
-    for target in range(len(captures)):
+    for target in range(len(attn_inputs)):
         if target == 0:
-            attn, h = model.layers[0].attn, captures[0].attn_input
+            attn, h = model.layers[0].attn, attn_inputs[0]
             outs.append(attn.selector_query(attn.q_select, h, positions, inv_freq))
         else:
-            attn, h = model.layers[target - 1].attn, captures[target - 1].attn_input
+            attn, h = model.layers[target - 1].attn, attn_inputs[target - 1]
             outs.append(attn.selector_query(attn.forecast, h, positions, inv_freq))
     return outs
 
 
 def distillation_loss(model: Transformer, captures: Sequence[LayerCapture], cfg: SparseConfig, *,
-                      min_position: int | None = None, remat: bool = True):
-    """Mean over layers of `layer_loss`, every layer's target from the (frozen, already computed) captures.
-
-    Only the Forecast projections (and layer 0's q_select) enter through `model`; the captures are constants, so the
-    gradient reaches nothing else. Returns (loss, metrics) with per-layer arrays `loss` [L], `recall_hits` [L],
-    `recall_total` [L] (recall against the teacher's top-k at positions >= min_position).
-    """
-    captures = [LayerCapture(*(jax.lax.stop_gradient(x) for x in (c.attn_input, c.q, c.k))) for c in captures]
+                      min_position: int | None = None, remat: bool = True, domain: str = "nonforced"):
+    """Mean over layers of `layer_loss`, every layer's target from the (frozen, already computed) captures of full
+    sequences. See `sampled_distillation_loss` for the arguments and the result."""
     b, t = captures[0].attn_input.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return sampled_distillation_loss(model, [c.attn_input for c in captures], [c.q for c in captures],
+                                     [selection.compress_keys(c.k, cfg) for c in captures], positions,
+                                     t // cfg.block_size, cfg, min_position=min_position, remat=remat, domain=domain)
+
+
+def sampled_distillation_loss(model: Transformer, attn_inputs: Sequence[jax.Array], queries: Sequence[jax.Array],
+                              compressed_keys: Sequence[jax.Array], positions: jax.Array, num_blocks: int,
+                              cfg: SparseConfig, *, min_position: int | None = None, remat: bool = True,
+                              domain: str = "nonforced"):
+    """Mean over layers of `layer_loss` at query `positions` [B, T] (all of a sequence, or a sample of it).
+
+    Per layer l: attn_inputs[l] = h_l [B, T, hidden] and queries[l] [B, KV, G, T, D] at those positions,
+    compressed_keys[l] [B, KV, C, D] of the whole sequence of num_blocks blocks. Only the Forecast projections (and
+    layer 0's q_select) enter through `model`; the rest are constants, so the gradient reaches nothing else.
+    Returns (loss, metrics) with per-layer arrays `loss` [L], `recall_hits` [L], `recall_total` [L] (recall against
+    the teacher's top-k at positions >= min_position).
+    """
+    stop = jax.lax.stop_gradient
+    attn_inputs = [stop(h) for h in attn_inputs]
     min_position = default_min_position(cfg) if min_position is None else min_position
 
-    def one_layer(f, q, k):
-        target = layer_target(q, k, positions, cfg)
-        loss, _ = layer_loss(f, target, positions, cfg)
-        predicted = selector_nonforced(jax.lax.stop_gradient(f), target, positions, cfg)
+    def one_layer(f, q, kc):
+        target = target_from_compressed(stop(q), stop(kc), positions, num_blocks, cfg)
+        loss, _ = layer_loss(f, target, positions, cfg, domain)
+        predicted = selector_nonforced(stop(f), target, positions, cfg)
         hits, total = recall_counts(predicted, target.nonforced, positions, min_position)
         return loss, (hits, total)
 
     step = jax.checkpoint(one_layer) if remat else one_layer
     losses, hits, totals = [], [], []
-    for f, cap in zip(selector_outputs(model, captures, positions), captures):
-        loss, (h, tot) = step(f, cap.q, cap.k)
+    for f, q, kc in zip(selector_outputs(model, attn_inputs, positions), queries, compressed_keys):
+        loss, (h, tot) = step(f, q, kc)
         losses.append(loss)
         hits.append(h)
         totals.append(tot)
