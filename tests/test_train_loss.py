@@ -40,14 +40,16 @@ def np_softmax(x, axis=-1):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def np_layer_reference(f, q, k, cfg, domain="paper", per_position=False):
+def np_layer_reference(f, q, k, cfg, domain="paper", per_position=False, bins="selected"):
     """Loss (mean KL over counted (head, position) pairs) and non-forced teacher/student block sets, from scratch.
 
     f: [KV, T, D] selector output; q: [KV, G, T, D]; k: [KV, T, D]; one sequence, positions 0..T-1.
     Block 64 / kernel 32 / stride 16: Kc[c] = mean K[16c:16c+32]; key c visible at t iff 16c + 32 <= t;
     block j's score = max over keys 4j-1..4j+3; forced = block 0 and blocks >= qb - local; top-k by score.
     domain "paper": the KL runs over all visible keys; "nonforced": over the visible keys of the visible blocks
-    that are not forced (both distributions renormalised there). per_position: also return the KL [KV, T].
+    that are not forced (both distributions renormalised there). bins "selected": the keys of the teacher's
+    non-forced blocks have bins of their own, the rest of the domain shares one; "all": every domain key has its
+    own. per_position: also return the KL [KV, T].
     """
     kv, g, t, d = q.shape
     n_keys = (t - 32) // 16 + 1
@@ -86,21 +88,21 @@ def np_layer_reference(f, q, k, cfg, domain="paper", per_position=False):
     teacher_scores = np.where(visible[None], probs.sum(1), -np.inf)
     teacher_nf, _ = blocks_of(teacher_scores)
     student_nf, _ = blocks_of(np.where(visible[None], raw_student, -np.inf))
-    bins = np.zeros((kv, t, n_keys), bool)
+    key_bins = np.zeros((kv, t, n_keys), bool)
     for h in range(kv):
         for t_ in range(t):
             for j in np.flatnonzero(teacher_nf[h, t_]):
                 for c in range(4 * j - 1, 4 * j + 4):
                     if 0 <= c < n_keys:
-                        bins[h, t_, c] = True
-    domain_keys = np.broadcast_to(visible[None], bins.shape).copy()
+                        key_bins[h, t_, c] = True
+    domain_keys = np.broadcast_to(visible[None], key_bins.shape).copy()
     if domain == "nonforced":
         for t_ in range(t):
             qb = t_ // 64
             candidates = [j for j in range(1, qb + 1) if j < qb - cfg.local_blocks]  # visible, not forced
             feeds = {c for j in candidates for c in range(4 * j - 1, 4 * j + 4)}
             domain_keys[:, t_] &= np.isin(np.arange(n_keys), sorted(feeds))
-    kl = np_restricted_kl(teacher, student_logits, bins, domain_keys)
+    kl = np_restricted_kl(teacher, student_logits, key_bins if bins == "selected" else domain_keys, domain_keys)
     counted = teacher_nf.any(-1)
     loss = kl[counted].mean() if counted.any() else 0.0
     return (loss, teacher_nf, student_nf, kl) if per_position else (loss, teacher_nf, student_nf)
@@ -177,8 +179,8 @@ def test_blocks_to_mask_ignores_padding():
 # ------------------------------------------------------------------------------------------------ one layer, end to end
 
 
-@pytest.mark.parametrize("domain", ["paper", "nonforced"])
-def test_layer_loss_and_recall_match_reference_built_from_scratch(domain):
+@pytest.mark.parametrize("domain,bins", [("paper", "selected"), ("nonforced", "selected"), ("nonforced", "all")])
+def test_layer_loss_and_recall_match_reference_built_from_scratch(domain, bins):
     rng = np.random.default_rng(2)
     kv, g, t, d = 2, 2, 512, 8
     q = rng.normal(size=(kv, g, t, d)).astype(np.float32)
@@ -186,10 +188,10 @@ def test_layer_loss_and_recall_match_reference_built_from_scratch(domain):
     f = (q.mean(1) + rng.normal(size=(kv, t, d))).astype(np.float32)
     positions = jnp.arange(t, dtype=jnp.int32)[None]
     target = L.layer_target(jnp.asarray(q)[None], jnp.asarray(k)[None], positions, CFG)
-    got, weight = L.layer_loss(jnp.asarray(f)[None], target, positions, CFG, domain)
+    got, weight = L.layer_loss(jnp.asarray(f)[None], target, positions, CFG, domain, bins)
     predicted = L.selector_nonforced(jnp.asarray(f)[None], target, positions, CFG)
 
-    want, teacher_nf, student_nf = np_layer_reference(f, q, k, CFG, domain)
+    want, teacher_nf, student_nf = np_layer_reference(f, q, k, CFG, domain, bins=bins)
     assert np.asarray(target.nonforced)[0].tolist() == teacher_nf.tolist()
     assert np.asarray(predicted)[0].tolist() == student_nf.tolist()
     assert int(weight) == int(teacher_nf.any(-1).sum())

@@ -55,21 +55,22 @@ class ForecastTrainer:
     """Holds the split model (trainable Forecast state, frozen rest), the optimizer state and the jitted step."""
 
     def __init__(self, model, sparse, optim: OptimConfig = OptimConfig(), micro_batches: int = 1,
-                 domain: str = "nonforced"):
+                 domain: str = "nonforced", bins: str = "selected"):
         import jax
         import jax.numpy as jnp
         from flax import nnx
 
         from sparda_jax.model import ForecastParam
-        from train.loss import LOSS_DOMAINS
+        from train.loss import LOSS_BINS, LOSS_DOMAINS
 
-        if domain not in LOSS_DOMAINS:
-            raise SpardaError(f"unknown loss domain {domain!r} (choose from {', '.join(LOSS_DOMAINS)})")
+        if domain not in LOSS_DOMAINS or bins not in LOSS_BINS:
+            raise SpardaError(f"unknown loss domain {domain!r} or bins {bins!r} (domains: {', '.join(LOSS_DOMAINS)}; "
+                              f"bins: {', '.join(LOSS_BINS)})")
         self.config = model.config
         self.sparse = sparse
         self.dtype = model.dtype
         self.micro_batches = micro_batches
-        self.domain = domain
+        self.domain, self.bins = domain, bins
         self.tx = make_optimizer(optim)
         self.graphdef, trainable, self.frozen = nnx.split(model, ForecastParam, ...)
         # float32 master weights for the Forecast, whatever the backbone's dtype.
@@ -87,14 +88,14 @@ class ForecastTrainer:
         if isinstance(batch, SampledCaptures):
             self.trainable, self.opt_state, loss, metrics = _jitted_cached_step()(
                 self.trainable, self.frozen, self.opt_state, batch, graphdef=self.graphdef, tx=self.tx,
-                sparse=self.sparse, domain=self.domain)
+                sparse=self.sparse, domain=self.domain, bins=self.bins)
         else:
             if batch.shape[0] % self.micro_batches:
                 raise SpardaError(f"a batch of {batch.shape[0]} does not split into {self.micro_batches} "
                                   "micro-batches")
             self.trainable, self.opt_state, loss, metrics = _train_step(
                 self.trainable, self.frozen, self.opt_state, batch, graphdef=self.graphdef, tx=self.tx,
-                sparse=self.sparse, micro_batches=self.micro_batches, domain=self.domain)
+                sparse=self.sparse, micro_batches=self.micro_batches, domain=self.domain, bins=self.bins)
         self.step += 1
         metrics = jax.device_get(metrics)
         hits, total = metrics["recall_hits"].astype(np.float64), metrics["recall_total"].astype(np.float64)
@@ -152,7 +153,7 @@ class ForecastTrainer:
 def _jitted_step():
     import jax
 
-    return jax.jit(_step, static_argnames=("graphdef", "tx", "sparse", "micro_batches", "domain"),
+    return jax.jit(_step, static_argnames=("graphdef", "tx", "sparse", "micro_batches", "domain", "bins"),
                    donate_argnums=(0, 2))
 
 
@@ -164,7 +165,7 @@ def _train_step(*args, **kwargs):
 def _jitted_cached_step():
     import jax
 
-    return jax.jit(_cached_step, static_argnames=("graphdef", "tx", "sparse", "domain"),
+    return jax.jit(_cached_step, static_argnames=("graphdef", "tx", "sparse", "domain", "bins"),
                    donate_argnums=(0, 2))
 
 
@@ -175,7 +176,7 @@ def _apply_update(trainable, opt_state, tx, grads):
     return optax.apply_updates(trainable, updates), opt_state
 
 
-def _cached_step(trainable, frozen, opt_state, batch, *, graphdef, tx, sparse, domain):
+def _cached_step(trainable, frozen, opt_state, batch, *, graphdef, tx, sparse, domain, bins):
     """One optimizer step on cached captures: no backbone forward (`train.captures`)."""
     import jax
     import optax
@@ -190,14 +191,15 @@ def _cached_step(trainable, frozen, opt_state, batch, *, graphdef, tx, sparse, d
                                          [batch.attn_input[:, i] for i in range(layers)],
                                          [batch.q[:, i] for i in range(layers)],
                                          [batch.kc[:, i] for i in range(layers)], batch.positions, batch.num_blocks,
-                                         sparse, domain=domain)
+                                         sparse, domain=domain, bins=bins)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     trainable, opt_state = _apply_update(trainable, opt_state, tx, grads)
     return trainable, opt_state, loss, dict(metrics, grad_norm=optax.tree.norm(grads))
 
 
-def _step(trainable, frozen, opt_state, tokens, *, graphdef, tx, sparse, micro_batches=1, domain="nonforced"):
+def _step(trainable, frozen, opt_state, tokens, *, graphdef, tx, sparse, micro_batches=1, domain="nonforced",
+          bins="selected"):
     """One optimizer step: dense forward with captures, then the loss as a function of the Forecast alone.
 
     micro_batches > 1 splits the batch into that many equal parts run one after another (lax.scan), with the
@@ -220,7 +222,7 @@ def _step(trainable, frozen, opt_state, tokens, *, graphdef, tx, sparse, micro_b
         _, _, captures = model(part, cache, mode="dense", sparse=sparse, capture=True)
 
         def loss_fn(params):
-            return distillation_loss(nnx.merge(graphdef, params, frozen), captures, sparse, domain=domain)
+            return distillation_loss(nnx.merge(graphdef, params, frozen), captures, sparse, domain=domain, bins=bins)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
 
@@ -301,7 +303,7 @@ def run_training(trainer: ForecastTrainer, batches: Callable[[int], np.ndarray],
 
 # Settings that must not change between a run and its --resume (the step count and time budget may).
 RESUME_MUST_MATCH = ("model", "data", "seq_len", "batch", "lr", "dtype", "seed", "init", "init_from", "top_k_blocks",
-                     "local_blocks", "heldout_fraction", "loss_domain", "cache_positions", "cache_rows")
+                     "local_blocks", "heldout_fraction", "loss_domain", "loss_bins", "cache_positions", "cache_rows")
 
 
 
@@ -336,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-domain", default="nonforced", choices=("nonforced", "paper"),
                    help="keys the KL runs over: those of non-forced blocks (default) or every visible key "
                         "(SPARDA.md §4 as written); see train.loss.layer_loss")
+    p.add_argument("--loss-bins", default="selected", choices=("selected", "all"),
+                   help="keys with a bin of their own: those of the teacher's selected blocks, plus one rest bin "
+                        "(default, SPARDA.md §4), or every key of the domain")
     p.add_argument("--cache-positions", type=int, default=0, help="capture the frozen backbone once per training "
                    "sequence at this many sampled query positions and train on those captures (0 = a forward every "
                    "step); see train.captures")
@@ -445,13 +450,15 @@ def run(argv: list[str] | None = None) -> int:
     else:
         batches = BatchStream(rows, args.batch, args.seed).batch
     trainer = ForecastTrainer(model, sparse, dataclasses.replace(OptimConfig(), lr=args.lr),
-                              micro_batches=args.batch // (args.micro_batch or args.batch), domain=args.loss_domain)
+                              micro_batches=args.batch // (args.micro_batch or args.batch), domain=args.loss_domain,
+                              bins=args.loss_bins)
     run_info = {"model": str(checkpoint.path.name), "data": args.data, "seq_len": args.seq_len, "batch": args.batch,
                 "lr": args.lr, "dtype": args.dtype, "seed": args.seed, "init": args.init,
                 "init_from": None if args.init_from is None else str(Path(args.init_from).absolute()),
                 "top_k_blocks": args.top_k_blocks, "local_blocks": args.local_blocks,
                 "heldout_fraction": args.heldout_fraction, "micro_batch": args.micro_batch or args.batch,
-                "loss_domain": args.loss_domain, "cache_positions": args.cache_positions, "cache_rows": args.cache_rows,
+                "loss_domain": args.loss_domain, "loss_bins": args.loss_bins, "cache_positions": args.cache_positions,
+                "cache_rows": args.cache_rows,
                 "train_sequences": int(len(rows)),
                 "forecast_parameters": model.forecast_parameter_count()}
     print(f"training {run_info['forecast_parameters']:,} Forecast parameters on {len(rows)} sequences of "

@@ -148,10 +148,13 @@ def target_from_compressed(q: jax.Array, kc: jax.Array, positions: jax.Array, nu
 # Which compressed keys the KL runs over: "nonforced" (default) drops the keys that only feed forced blocks,
 # "paper" keeps every visible key, as SPARDA.md §4 reads.
 LOSS_DOMAINS = ("nonforced", "paper")
+# Which keys of the domain are bins of their own: those of the teacher's selected blocks, the rest pooled into one
+# bin (SPARDA.md §4; default), or all of them (a plain KL over the domain).
+LOSS_BINS = ("selected", "all")
 
 
 def layer_loss(f: jax.Array, target: LayerTarget, positions: jax.Array, cfg: SparseConfig,
-               domain: str = "nonforced") -> tuple[jax.Array, jax.Array]:
+               domain: str = "nonforced", bins: str = "selected") -> tuple[jax.Array, jax.Array]:
     """Distillation loss of one selector output f [B, KV, T, D] against its layer's target.
 
     domain (LOSS_DOMAINS): the forced sink and local blocks are attended whatever the selector scores, yet they
@@ -167,16 +170,18 @@ def layer_loss(f: jax.Array, target: LayerTarget, positions: jax.Array, cfg: Spa
     """
     if domain not in LOSS_DOMAINS:
         raise ValueError(f"unknown loss domain {domain!r} (choose from {', '.join(LOSS_DOMAINS)})")
+    if bins not in LOSS_BINS:
+        raise ValueError(f"unknown loss bins {bins!r} (choose from {', '.join(LOSS_BINS)})")
     num_keys = target.kc.shape[-2]
     logits = selection.forecast_scores(f, target.kc, positions, cfg) * f.shape[-1] ** -0.5
-    bins = keys_of_blocks(target.nonforced, num_keys, cfg)
     visible = target.visible
     if domain == "nonforced":
         num_blocks = target.forced.shape[-1]
         query_block = (positions // cfg.block_size)[:, None, :, None]
         candidates = (jnp.arange(num_blocks) <= query_block) & ~target.forced
         visible = visible & keys_of_blocks(candidates, num_keys, cfg)
-    kl = restricted_kl(target.teacher, logits, bins, visible)
+    key_bins = keys_of_blocks(target.nonforced, num_keys, cfg) if bins == "selected" else visible
+    kl = restricted_kl(target.teacher, logits, key_bins, visible)
     counted = target.nonforced.any(-1)
     weight = counted.sum()
     return jnp.where(counted, kl, 0.0).sum() / jnp.maximum(weight, 1), weight
@@ -222,20 +227,22 @@ def selector_outputs(model: Transformer, attn_inputs: Sequence[jax.Array], posit
 
 
 def distillation_loss(model: Transformer, captures: Sequence[LayerCapture], cfg: SparseConfig, *,
-                      min_position: int | None = None, remat: bool = True, domain: str = "nonforced"):
+                      min_position: int | None = None, remat: bool = True, domain: str = "nonforced",
+                      bins: str = "selected"):
     """Mean over layers of `layer_loss`, every layer's target from the (frozen, already computed) captures of full
     sequences. See `sampled_distillation_loss` for the arguments and the result."""
     b, t = captures[0].attn_input.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     return sampled_distillation_loss(model, [c.attn_input for c in captures], [c.q for c in captures],
                                      [selection.compress_keys(c.k, cfg) for c in captures], positions,
-                                     t // cfg.block_size, cfg, min_position=min_position, remat=remat, domain=domain)
+                                     t // cfg.block_size, cfg, min_position=min_position, remat=remat, domain=domain,
+                                     bins=bins)
 
 
 def sampled_distillation_loss(model: Transformer, attn_inputs: Sequence[jax.Array], queries: Sequence[jax.Array],
                               compressed_keys: Sequence[jax.Array], positions: jax.Array, num_blocks: int,
                               cfg: SparseConfig, *, min_position: int | None = None, remat: bool = True,
-                              domain: str = "nonforced"):
+                              domain: str = "nonforced", bins: str = "selected"):
     """Mean over layers of `layer_loss` at query `positions` [B, T] (all of a sequence, or a sample of it).
 
     Per layer l: attn_inputs[l] = h_l [B, T, hidden] and queries[l] [B, KV, G, T, D] at those positions,
@@ -250,7 +257,7 @@ def sampled_distillation_loss(model: Transformer, attn_inputs: Sequence[jax.Arra
 
     def one_layer(f, q, kc):
         target = target_from_compressed(stop(q), stop(kc), positions, num_blocks, cfg)
-        loss, _ = layer_loss(f, target, positions, cfg, domain)
+        loss, _ = layer_loss(f, target, positions, cfg, domain, bins)
         predicted = selector_nonforced(stop(f), target, positions, cfg)
         hits, total = recall_counts(predicted, target.nonforced, positions, min_position)
         return loss, (hits, total)
