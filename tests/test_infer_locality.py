@@ -10,10 +10,12 @@ from infer.locality import ReplaySelector, device_replay, locality_from_trace, r
 
 TOP_K, LOCAL, BLOCK, LAYERS, BATCH, KVH = 24, 4, 64, 3, 2, 2
 STATS = {"layers": [{"drift": 0.05, "recur": 0.6}, {"drift": 0.25, "recur": 0.9}, {"drift": 0.6, "recur": 0.9}]}
-START, STEPS = 400 * BLOCK, 100
+START, STEPS, BURN_IN = 400 * BLOCK, 100, 32
 
 
-def device_trace():
+def device_trace(burn_in=BURN_IN):
+    """Like the real model's recorded trace, the measured steps follow a history they do not show (there: the
+    prompt; here: burn-in steps, as `replay_trace` runs them)."""
     hook, state = device_replay(STATS, LAYERS, BATCH, KVH, TOP_K, LOCAL, START)
 
     @jax.jit
@@ -25,6 +27,8 @@ def device_trace():
             out.append(sel)
         return out, state
 
+    for _ in range(burn_in):
+        _, state = step(state, jnp.full(BATCH, START, jnp.int32))
     trace = []
     for s in range(STEPS):
         ids, state = step(state, jnp.full(BATCH, START + s, jnp.int32))
@@ -34,6 +38,8 @@ def device_trace():
 
 def host_trace():
     replay = ReplaySelector(STATS, LAYERS, BATCH, KVH, TOP_K, LOCAL)
+    for _ in range(BURN_IN):
+        [replay(layer, None, np.full(BATCH, START)) for layer in range(LAYERS)]
     return [[replay(layer, None, np.full(BATCH, START + s)) for layer in range(LAYERS)] for s in range(STEPS)]
 
 
@@ -49,16 +55,19 @@ def test_replay_reproduces_drift_and_keeps_forced_blocks(make_trace):
             assert len(set(row.tolist())) == TOP_K
     measured = locality_from_trace(trace, positions, TOP_K, LOCAL, BLOCK, cache_factors=(1,))
     for given, got in zip(STATS["layers"], measured["layers"]):
-        print(given, got)
         assert abs(got["drift"] - given["drift"]) < 0.03, (given, got)
+        # Recurrence is measured within the trace, so a block last seen before it (in the burn-in) counts as new,
+        # as it does in the real model's trace; with few drops per step (drift 0.05) that bias dominates.
+        if given["drift"] >= 0.2:
+            assert abs(got["recur"] - given["recur"]) < 0.05, (given, got)
 
 
 def test_trace_hook_plays_the_in_step_replay():
     """The precomputed trace, played by `trace_hook`, gives at every step the selections the in-step replay made
     (same seed), and wraps around after its last step. Both offload modes plan layers 0, 1, ..., L-1 in order."""
     steps = 6
-    expected = device_trace()[:steps]
-    hook, state = trace_hook(replay_trace(STATS, LAYERS, BATCH, KVH, TOP_K, LOCAL, START, steps))
+    expected = device_trace(burn_in=0)[:steps]
+    hook, state = trace_hook(replay_trace(STATS, LAYERS, BATCH, KVH, TOP_K, LOCAL, START, steps, burn_in=0))
 
     @jax.jit
     def step(state):

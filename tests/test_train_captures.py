@@ -14,7 +14,7 @@ from sparda_jax.errors import SpardaError
 from sparda_jax.model import KVCache, Transformer
 from test_train_loss import np_layer_reference
 from train import loss as L
-from train.captures import CaptureStore, sample_positions
+from train.captures import CaptureStore, row_key, sample_positions
 from train.data import BatchStream
 from train.forecast import ForecastTrainer, run_training
 
@@ -38,27 +38,28 @@ def _settings(**overrides):
 
 def _store(tmp_path, model, rows, **overrides):
     store = CaptureStore(tmp_path / "captures", _settings(**overrides))
-    store.build(model, SPARSE, rows, progress=False)
-    return store
+    return store, store.build(model, SPARSE, rows, progress=False)
 
 
 def test_sample_positions():
-    pos = sample_positions(SEQ, PER_ROW, START, 3, 1)
+    rows = _rows(2)
+    pos = sample_positions(SEQ, PER_ROW, START, 3, row_key(rows[0]))
     assert len(set(pos.tolist())) == PER_ROW and pos.min() >= START and pos.max() < SEQ
     assert np.all(np.diff(pos) > 0)
-    assert not np.array_equal(pos, sample_positions(SEQ, PER_ROW, START, 3, 2))  # another row, another sample
+    assert np.array_equal(pos, sample_positions(SEQ, PER_ROW, START, 3, row_key(rows[0].astype(np.int32))))
+    assert not np.array_equal(pos, sample_positions(SEQ, PER_ROW, START, 3, row_key(rows[1])))  # another row
     with pytest.raises(SpardaError, match="cannot sample"):
-        sample_positions(SEQ, SEQ, START, 3, 1)
+        sample_positions(SEQ, SEQ, START, 3, row_key(rows[0]))
 
 
 def test_store_holds_the_models_captures_at_the_sampled_positions(tmp_path):
     model, rows = _model(), _rows(3)
-    store = _store(tmp_path, model, rows)
-    got = store.load([2, 0])
+    store, keys = _store(tmp_path, model, rows)
+    got = store.load([keys[2], keys[0]])
     cache = KVCache.create(CONFIG, SPARSE, 3, SEQ, jnp.float32)
     _, _, caps = model(jnp.asarray(rows.astype(np.int32)), cache, mode="dense", sparse=SPARSE, capture=True)
     for j, row in enumerate([2, 0]):
-        pos = sample_positions(SEQ, PER_ROW, START, 3, row)
+        pos = sample_positions(SEQ, PER_ROW, START, 3, keys[row])
         np.testing.assert_array_equal(got.positions[j], pos)
         for layer, c in enumerate(caps):
             tol = dict(rtol=2e-3, atol=2e-3)  # stored as float16
@@ -68,19 +69,19 @@ def test_store_holds_the_models_captures_at_the_sampled_positions(tmp_path):
     assert got.num_blocks == SEQ // 64
 
 
-def test_store_resumes_and_refuses_other_settings_and_reports_corrupt_rows(tmp_path):
-    model, rows = _model(), _rows(2)
-    store = _store(tmp_path, model, rows)
-    stamps = [store.path(i).stat().st_mtime_ns for i in range(2)]
-    store.path(1).unlink()
-    store.build(model, SPARSE, rows, progress=False)  # only the missing row is captured again
-    assert store.path(0).stat().st_mtime_ns == stamps[0] and store.path(1).exists()
-    assert not list(store.dir.glob(".tmp-*"))
+def test_store_resumes_grows_refuses_other_settings_and_reports_corrupt_rows(tmp_path):
+    model, rows = _model(), _rows(3)
+    store, keys = _store(tmp_path, model, rows[:2])
+    stamps = [store.path(k).stat().st_mtime_ns for k in keys]
+    store.path(keys[1]).unlink()
+    assert store.build(model, SPARSE, rows, progress=False) == [row_key(r) for r in rows]  # one missing, one new
+    assert store.path(keys[0]).stat().st_mtime_ns == stamps[0] and store.path(keys[1]).exists()
+    assert len(list(store.dir.glob("row-*.npz"))) == 3 and not list(store.dir.glob(".tmp-*"))
     with pytest.raises(SpardaError, match="other settings.*positions_per_row"):
         CaptureStore(store.dir, _settings(positions_per_row=8))
-    store.path(0).write_bytes(b"not an npz")
+    store.path(keys[0]).write_bytes(b"not an npz")
     with pytest.raises(SpardaError, match="unreadable"):
-        store.load([0])
+        store.load([keys[0]])
 
 
 @pytest.mark.parametrize("domain", ["paper", "nonforced"])
@@ -91,7 +92,7 @@ def test_loss_at_sampled_positions_is_the_reference_mean_there(domain):
     k = rng.normal(size=(kv, t, d)).astype(np.float32)
     f = (q.mean(1) + rng.normal(size=(kv, t, d))).astype(np.float32)
     _, teacher_nf, _, kl = np_layer_reference(f, q, k, SPARSE, domain, per_position=True)
-    pos = sample_positions(t, 40, 300, 0, 0)
+    pos = sample_positions(t, 40, 300, 0, "0" * 20)
     kc = selection.compress_keys(jnp.asarray(k)[None], SPARSE)
     positions = jnp.asarray(pos)[None]
     target = L.target_from_compressed(jnp.asarray(q[:, :, pos])[None], kc, positions, t // 64, SPARSE)
@@ -101,22 +102,23 @@ def test_loss_at_sampled_positions_is_the_reference_mean_there(domain):
     assert float(got) == pytest.approx(float(kl[:, pos][counted].mean()), rel=1e-3)
 
 
-def _train(tmp_path, store, n_rows, steps, resume=False):
+def _train(tmp_path, store, keys, steps, resume=False):
     trainer = ForecastTrainer(_model(), SPARSE)
-    stream = BatchStream(np.arange(n_rows)[:, None], 2, 0)
-    records = run_training(trainer, lambda i: store.load(stream.batch(i)[:, 0]), steps=steps, out=tmp_path / "run",
+    stream = BatchStream(np.arange(len(keys))[:, None], 2, 0)
+    records = run_training(trainer, lambda i: store.load([keys[j] for j in stream.batch(i)[:, 0]]), steps=steps,
+                           out=tmp_path / "run",
                            save_every=2, resume=resume, run_info={"model": "tiny"}, progress=False)
     return trainer, records
 
 
 def test_training_on_captures_lowers_the_loss_and_resumes_exactly(tmp_path):
-    store = _store(tmp_path, _model(), _rows(4))
-    _, records = _train(tmp_path / "a", store, 4, 12)
+    store, keys = _store(tmp_path, _model(), _rows(4))
+    _, records = _train(tmp_path / "a", store, keys, 12)
     first, last = np.mean([r["loss"] for r in records[:2]]), np.mean([r["loss"] for r in records[-2:]])
     assert last < 0.9 * first
-    full, full_records = _train(tmp_path / "b", store, 4, 6)
-    _train(tmp_path / "c", store, 4, 3)
-    resumed, resumed_records = _train(tmp_path / "c", store, 4, 6, resume=True)
+    full, full_records = _train(tmp_path / "b", store, keys, 6)
+    _train(tmp_path / "c", store, keys, 3)
+    resumed, resumed_records = _train(tmp_path / "c", store, keys, 6, resume=True)
     for a, b in zip(full_records[3:], resumed_records):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
     for a, b in zip(jax.tree.leaves(full.trainable), jax.tree.leaves(resumed.trainable)):

@@ -135,7 +135,7 @@ def test_cached_training_end_to_end(tiny_model_dir, text_file, tmp_path):
               "--no-progress", "--heldout-fraction", "0", "--cache-positions", "32", "--cache-rows", "3",
               "--capture-dir", str(caps)]
     assert forecast.run(common + ["--steps", "2"]) == 0
-    rows = sorted(caps.glob("row*.npz"))
+    rows = sorted(caps.glob("row-*.npz"))
     stamps = [p.stat().st_mtime_ns for p in rows]
     assert len(rows) == 3
     assert forecast.run(common + ["--steps", "3", "--resume"]) == 0

@@ -8,8 +8,9 @@ atomically); training steps then cost only the Forecast projections and the sele
 (`train.loss.sampled_distillation_loss`). On 2 CPU cores a SmolLM2 step over 4 cached 4K sequences takes well
 under a second, against about 16 s per sequence for the forward alone.
 
-Positions are drawn uniformly (without replacement, seeded per row) from [start, seq_len), start defaulting to
-where top-k becomes a real choice (`train.loss.default_min_position`).
+Positions are drawn uniformly (without replacement, seeded by the row's tokens) from [start, seq_len), start
+defaulting to where top-k becomes a real choice (`train.loss.default_min_position`). A row's file is named by a hash
+of its tokens, so one store serves any subset of the rows it was built from, and grows when more rows are asked for.
 """
 
 from __future__ import annotations
@@ -48,10 +49,15 @@ def _register():
 _register()
 
 
-def sample_positions(seq_len: int, count: int, start: int, seed: int, row: int) -> np.ndarray:
+def row_key(tokens: np.ndarray) -> str:
+    """A name for one row of token ids, from its contents."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, np.int64).tobytes()).hexdigest()[:20]
+
+
+def sample_positions(seq_len: int, count: int, start: int, seed: int, key: str) -> np.ndarray:
     if not 0 < count <= seq_len - start:
         raise SpardaError(f"cannot sample {count} positions from [{start}, {seq_len})")
-    rng = np.random.default_rng([seed, row])
+    rng = np.random.default_rng([seed, int(key[:12], 16)])
     return np.sort(rng.choice(np.arange(start, seq_len), count, replace=False)).astype(np.int32)
 
 
@@ -80,8 +86,8 @@ def _capture_fn(model, sparse):
 
 
 class CaptureStore:
-    """A directory of cached captures for a fixed list of token rows. meta.json records what made them; a store is
-    reused only for the same settings."""
+    """A directory of cached captures, one file per token row. meta.json records the settings that made them (model,
+    sequence length, positions, dtype...); a store is reused only for the same settings."""
 
     def __init__(self, directory: str | Path, settings: dict[str, Any]):
         self.dir = Path(directory)
@@ -99,43 +105,46 @@ class CaptureStore:
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         return Path(root) / key
 
-    def path(self, i: int) -> Path:
-        return self.dir / f"row{i:05d}.npz"
+    def path(self, key: str) -> Path:
+        return self.dir / f"row-{key}.npz"
 
-    def build(self, model, sparse, rows: np.ndarray, *, batch: int = 1, progress: bool = True) -> None:
-        """Captures every row not cached yet (an interrupted build resumes where it stopped)."""
+    def build(self, model, sparse, rows: np.ndarray, *, batch: int = 1, progress: bool = True) -> list[str]:
+        """Captures every row not cached yet (an interrupted build resumes where it stopped); returns the rows'
+        keys, for `load`."""
         from tqdm import tqdm
 
         s = self.settings
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "meta.json").write_text(json.dumps(self.settings, indent=1, sort_keys=True))
-        todo = [i for i in range(len(rows)) if not self.path(i).exists()]
+        keys = [row_key(r) for r in rows]
+        todo = [i for i, key in enumerate(keys) if not self.path(key).exists()]
         if not todo:
-            return
+            return keys
         capture = _capture_fn(model, sparse)
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="capturing the backbone", unit="seq",
                    disable=not progress, file=sys.stderr, dynamic_ncols=True)
         for at in range(0, len(todo), batch):
             chunk = todo[at:at + batch]
-            positions = np.stack([sample_positions(rows.shape[1], s["positions_per_row"], s["start"], s["seed"], i)
-                                  for i in chunk])
+            positions = np.stack([sample_positions(rows.shape[1], s["positions_per_row"], s["start"], s["seed"],
+                                                   keys[i]) for i in chunk])
             h, q, kc = (np.asarray(x) for x in capture(rows[chunk].astype(np.int32), positions))
             for j, i in enumerate(chunk):
-                tmp = self.dir / f".tmp-{os.getpid()}-{i}.npz"
+                tmp = self.dir / f".tmp-{os.getpid()}-{keys[i]}.npz"
                 np.savez(tmp, attn_input=h[j], q=q[j], kc=kc[j], positions=positions[j])
-                tmp.replace(self.path(i))  # atomic: a row file is complete or absent
+                tmp.replace(self.path(keys[i]))  # atomic: a row file is complete or absent
             bar.update(len(chunk))
         bar.close()
+        return keys
 
-    def load(self, indices) -> SampledCaptures:
-        """Rows `indices` as float32 arrays (positions int32)."""
+    def load(self, keys) -> SampledCaptures:
+        """The rows of `keys` as float32 arrays (positions int32)."""
         parts = []
-        for i in indices:
+        for key in keys:
             try:
-                with np.load(self.path(int(i))) as f:
+                with np.load(self.path(key)) as f:
                     parts.append({k: f[k] for k in ("attn_input", "q", "kc", "positions")})
             except (OSError, ValueError, KeyError) as e:
-                raise SpardaError(f"capture cache row {self.path(int(i))} is unreadable ({e}); delete it to "
+                raise SpardaError(f"capture cache row {self.path(key)} is unreadable ({e}); delete it to "
                                   "recompute") from None
         stacked = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
         return SampledCaptures(*(stacked[k].astype(np.float32) for k in ("attn_input", "q", "kc")),

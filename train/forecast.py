@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import json
 import sys
 import time
@@ -406,22 +405,20 @@ def cached_batches(args, model, sparse, rows: np.ndarray, model_name: str):
     from train.data import BatchStream
     from train.loss import default_min_position
 
-    if args.cache_rows and args.cache_rows < len(rows):
-        rows = rows[np.sort(np.random.default_rng(args.seed).permutation(len(rows))[:args.cache_rows])]
+    if args.cache_rows and args.cache_rows < len(rows):  # a prefix of one permutation: more rows extend fewer
+        rows = rows[np.random.default_rng(args.seed).permutation(len(rows))[:args.cache_rows]]
     start = default_min_position(sparse)
     if args.cache_positions > args.seq_len - start:
         raise SpardaError(f"--cache-positions {args.cache_positions} exceeds the {args.seq_len - start} query "
                           f"positions from {start} on")
-    settings = {"model": model_name, "data": args.data, "seq_len": args.seq_len, "heldout_fraction":
-                args.heldout_fraction, "rows": int(len(rows)), "rows_seed": args.seed, "dtype": args.dtype,
+    settings = {"model": model_name, "seq_len": args.seq_len, "dtype": args.dtype,
                 "positions_per_row": args.cache_positions, "start": start, "seed": args.seed,
                 "block_size": sparse.block_size, "compress_kernel": sparse.compress_kernel,
-                "compress_stride": sparse.compress_stride,
-                "rows_sha256": hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest()[:16]}
+                "compress_stride": sparse.compress_stride}
     store = CaptureStore(args.capture_dir or CaptureStore.default_dir("runs/capture_cache", settings), settings)
-    store.build(model, sparse, rows, progress=not args.no_progress)
+    keys = store.build(model, sparse, rows, progress=not args.no_progress)
     stream = BatchStream(np.arange(len(rows))[:, None], args.batch, args.seed)
-    return rows, lambda i: store.load(stream.batch(i)[:, 0])
+    return rows, lambda i: store.load([keys[j] for j in stream.batch(i)[:, 0]])
 
 
 def run(argv: list[str] | None = None) -> int:
