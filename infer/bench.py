@@ -126,7 +126,7 @@ def profile_engine(engine, batch: int, run: Run, out: Path) -> None:
 
 
 def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfer, cache_slots, warmup, steps,
-                variant="", replay="trace", profile_out: Path | None = None):
+                variant="", replay="trace", profile_out: Path | None = None, cache_warmup: int = 32):
     from infer.engine import OffloadEngine
     from infer.fused import FusedOffloadEngine
     from infer.locality import ReplaySelector, device_replay, replay_trace, trace_hook
@@ -134,6 +134,8 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
     c = model.config
     stats = locality["modes"]["sparse-offload" if mode == "sparse-offload" else "sparda-offload"]
     r = Run(shape, mode, ctx, batch, transfer, cache_slots, variant=variant)
+    if (cache_slots or 0) > sparse.top_k_blocks:  # a block cache reaches its steady state only after many steps
+        warmup = max(warmup, cache_warmup)
     kw = dict(mode=mode, batch=batch, max_len=store.num_blocks * 64, cache_slots=cache_slots, store=store)
     if transfer == "zero-copy":
         r.replay = replay
@@ -434,6 +436,8 @@ def main():
                    "(default: 1 and the last of --batches)")
     p.add_argument("--cache4k", action="store_true", help="also sparda-offload with a 4k-slot LRU cache")
     p.add_argument("--cache4k-max-rows", type=int, default=64, help="4k-slot cache only where B*KV <= this")
+    p.add_argument("--cache-warmup", type=int, default=32, help="warm-up steps of runs with a block cache larger "
+                   "than k (an empty cache misses everything at first)")
     p.add_argument("--skip-resident-max", action="store_true", help="no resident run at its largest batch")
     p.add_argument("--fill-probe", action="store_true", help="zero-copy fill kernel probe first")
     p.add_argument("--shape-budgets", default="", help="seconds per shape, comma-separated (default: all to the "
@@ -543,7 +547,8 @@ def main():
                                          out if a.profile else None)
                     else:
                         r = offload_run(model, sparse, shape, mode, ctx, b, store, locality, transfer, slots or None,
-                                        a.warmup, a.steps, variant, a.replay, out if a.profile else None)
+                                        a.warmup, a.steps, variant, a.replay, out if a.profile else None,
+                                        a.cache_warmup)
                 except Exception as e:  # OOM and the like: record and go on
                     r = Run(shape, mode, ctx, b, transfer, slots, variant=variant,
                             error=f"{type(e).__name__}: {e}"[:400])

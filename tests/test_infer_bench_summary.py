@@ -45,12 +45,14 @@ def test_bench_runs_end_to_end_on_cpu(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "infer.bench", "--shapes", "tiny", "--contexts", "2048", "--batches",
                            "1", "--max-batch", "1", "--host-gb", "0.01", "--top-k-blocks", "16", "--local-blocks", "4",
                            "--transfers", "zero-copy", "--variants", "nofetch", "--extra-batches", "1", "--steps", "1",
-                           "--warmup", "1", "--prefill", "0", "--hf-peer", "0", "--profile", "--out", str(tmp_path)],
+                           "--warmup", "1", "--prefill", "0", "--hf-peer", "0", "--profile", "--cache4k", "--cache-warmup", "3",
+                           "--out", str(tmp_path)],
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "engine_bench_tiny.json").read_text())
-    runs = {(r["mode"], r["variant"]): r for r in result["runs"]}
-    assert set(runs) == {("sparse-offload", ""), ("sparda-offload", ""), ("sparda-offload", "nofetch")}
+    runs = {(r["mode"], r["variant"], r["cache_slots"]): r for r in result["runs"]}
+    assert set(runs) == {("sparse-offload", "", 16), ("sparda-offload", "", 16), ("sparda-offload", "nofetch", 16),
+                         ("sparda-offload", "", 64)}  # the last: a 4k-slot block cache
     assert all(not r["error"] and r["tok_s"] > 0 and 0 < r["hit_rate"] <= 1 for r in runs.values())
     assert all(r["replay"] == "trace" for r in runs.values())  # drawn before the timed steps by default
     # --profile traced every run; a CPU trace has no GPU streams, which the summary reports
