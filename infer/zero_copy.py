@@ -42,19 +42,24 @@ def _fill_kernel(src_ref, dst_ref, host_ref, _pk_in, _pv_in, pk_ref, pv_ref, *, 
     pltriton.store(pv_ref.at[drows, cols], val, mask=ok & (j >= half))
 
 
-def fill_slots(host: jax.Array, src: jax.Array, dst: jax.Array, pool_k: jax.Array, pool_v: jax.Array, *,
-               width: int = 2048, num_warps: int = 4, interpret: bool = False):
-    """host [R, 2*S*D] (pinned_host on GPU); src, dst [N] int32 (host row, flat pool slot); pools [B, KV, P, S, D].
-    Returns the pools with the listed slots overwritten (in place when the pools are donated)."""
+def _fill_layout(host: jax.Array, pool_k: jax.Array, width: int):
+    """Checks that host rows are K+V of one pool block; returns (rows, row width, piece width, flat pool shape)."""
     b, kvh, p, s, d = pool_k.shape
     r, w = host.shape
     half_elems = s * d
     width = min(width, half_elems)
     if w != 2 * half_elems or half_elems % width:
         raise ValueError(f"host rows of {w} elements do not fit pool blocks of {s}x{d}")
-    half = half_elems // width
+    return r, w, width, (b * kvh * p, half_elems)
+
+
+def fill_slots(host: jax.Array, src: jax.Array, dst: jax.Array, pool_k: jax.Array, pool_v: jax.Array, *,
+               width: int = 2048, num_warps: int = 4, interpret: bool = False):
+    """host [R, 2*S*D] (pinned_host on GPU); src, dst [N] int32 (host row, flat pool slot); pools [B, KV, P, S, D].
+    Returns the pools with the listed slots overwritten (in place when the pools are donated)."""
+    r, w, width, flat = _fill_layout(host, pool_k, width)
+    half = flat[1] // width
     n = src.shape[0]
-    flat = (b * kvh * p, half_elems)
     whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0, 0))  # noqa: E731
     pk, pv = pl.pallas_call(
         functools.partial(_fill_kernel, width=width, half=half),
@@ -104,20 +109,14 @@ def fill_slots_persistent(host: jax.Array, src: jax.Array, dst: jax.Array, count
                           interpret: bool = False):
     """As `fill_slots`, for entries compacted by `compact_misses` (count [1]: how many lead), with `num_programs`
     programs each looping over every num_programs-th miss. NOSI runs 16 (batch <= 16) or 32 CTAs on the H100."""
-    b, kvh, p, s, d = pool_k.shape
-    r, w = host.shape
-    half_elems = s * d
-    width = min(width, half_elems)
-    if w != 2 * half_elems or half_elems % width:
-        raise ValueError(f"host rows of {w} elements do not fit pool blocks of {s}x{d}")
+    r, w, width, flat = _fill_layout(host, pool_k, width)
     if num_programs <= 0:
         raise ValueError(f"num_programs must be positive, got {num_programs}")
     n = src.shape[0]
-    flat = (b * kvh * p, half_elems)
     whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
     pk, pv = pl.pallas_call(
         functools.partial(_persistent_fill_kernel, num_programs=num_programs, width=width,
-                          half=half_elems // width),
+                          half=flat[1] // width),
         grid=(num_programs,),
         in_specs=[whole((1,)), whole((n,)), whole((n,)), whole((r, w)), whole(flat), whole(flat)],
         out_specs=[whole(flat), whole(flat)],
