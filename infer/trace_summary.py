@@ -75,10 +75,8 @@ def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) ->
     return out
 
 
-def device_streams(trace: dict) -> dict[str, list[dict]]:
-    """{stream name: its complete events} for every GPU stream in the trace. Device processes are those whose name
-    mentions a GPU; within them only threads named like streams carry kernels (others hold per-op or per-module
-    summaries of the same time, which would count it twice)."""
+def _device_threads(trace: dict) -> tuple[dict[tuple, tuple[str, str]], list[dict]]:
+    """({(pid, tid): (process name, thread name)} for the threads of GPU processes, the trace's events)."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     proc_names, thread_names = {}, {}
     for e in events:
@@ -87,14 +85,19 @@ def device_streams(trace: dict) -> dict[str, list[dict]]:
         elif e.get("ph") == "M" and e.get("name") == "thread_name":
             thread_names[(e["pid"], e["tid"])] = e["args"]["name"]
     gpu_pids = {pid for pid, name in proc_names.items() if re.search(r"gpu|/device:", name, re.I)}
+    return {key: (proc_names[key[0]], name) for key, name in thread_names.items() if key[0] in gpu_pids}, events
+
+
+def device_streams(trace: dict) -> dict[str, list[dict]]:
+    """{stream name: its complete events} for every GPU stream in the trace. Device processes are those whose name
+    mentions a GPU; within them only threads named like streams carry kernels (others hold per-op or per-module
+    summaries of the same time, which would count it twice)."""
+    threads, events = _device_threads(trace)
     streams: dict[str, list[dict]] = {}
     for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
-            continue
-        tname = thread_names.get((e["pid"], e.get("tid")), str(e.get("tid")))
-        if not re.search(r"stream", tname, re.I):
-            continue
-        streams.setdefault(f"{proc_names[e['pid']]} {tname}", []).append(e)
+        proc_thread = threads.get((e.get("pid"), e.get("tid")))
+        if e.get("ph") == "X" and proc_thread is not None and re.search(r"stream", proc_thread[1], re.I):
+            streams.setdefault(" ".join(proc_thread), []).append(e)
     return streams
 
 
@@ -104,6 +107,8 @@ def summarize_trace(trace: dict, steps: int = 1) -> dict[str, Any]:
     out: dict[str, Any] = {"steps": steps, "streams": {}}
     if not streams:
         out["error"] = "no GPU stream events in the trace"
+        # What there was, to adjust the match by:
+        out["device_threads"] = sorted(" ".join(pt) for pt in _device_threads(trace)[0].values())
         return out
     busy = {}
     for name, evs in streams.items():

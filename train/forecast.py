@@ -1,9 +1,10 @@
 """`python -m train.forecast`: distil the Forecast projections (and layer 0's q_select) from the query selector.
 
 The backbone is frozen. Each step runs the dense forward once with `capture=True`; the loss over all layers is then a
-function of the Forecast parameters alone (SPARDA.md §4; `train.loss`). AdamW (lr 5e-4, betas 0.9/0.95, eps 1e-6,
-weight decay 0.01), gradient clipping at 0.5, constant learning rate. The Forecast is kept in float32 even when the
-backbone runs in bfloat16.
+function of the Forecast parameters alone (SPARDA.md §4; `train.loss`). With `--cache-positions N` the forward runs
+once per training sequence instead, keeping N sampled query positions (`train.captures`), and the steps train on those
+captures for as many epochs as --steps asks. AdamW (lr 5e-4, betas 0.9/0.95, eps 1e-6, weight decay 0.01), gradient
+clipping at 0.5, constant learning rate. The Forecast is kept in float32 even when the backbone runs in bfloat16.
 
 Outputs under --out: `checkpoints/<step>/` (Orbax: Forecast + optimizer state + step + data position; atomic, the last
 two kept), `log.jsonl` (one line of metrics per step), `run.json` (the settings; `--resume` checks them), and
