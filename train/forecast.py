@@ -191,7 +191,7 @@ def _cached_step(trainable, frozen, opt_state, batch, *, graphdef, tx, sparse, d
                                          [batch.attn_input[:, i] for i in range(layers)],
                                          [batch.q[:, i] for i in range(layers)],
                                          [batch.kc[:, i] for i in range(layers)], batch.positions, batch.num_blocks,
-                                         sparse, domain=domain, bins=bins)
+                                         sparse, domain=domain, bins=bins, remat=False)  # small: a sample of positions
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     trainable, opt_state = _apply_update(trainable, opt_state, tx, grads)
