@@ -88,14 +88,18 @@ def test_train_resume_and_eval_end_to_end(tiny_model_dir, text_file, tmp_path):
     assert any(not np.array_equal(before[k], after[k]) for k in before)
 
     result = eval_forecast.run(["--model", str(tiny_model_dir), "--forecast", str(out / "forecast"),
+                                "--compare", str(out / "forecast"),
                                 "--text-file", str(text_file), "--seq-len", "512", "--num-seqs", "2",
                                 "--top-k-blocks", "4", "--local-blocks", "1", "--min-position", "256",
                                 "--out", str(tmp_path / "eval"), "--no-progress"])
-    for method in ("forecast", "query_mean", "reuse"):
+    for method in ("forecast", "compare", "query_mean", "reuse"):
         assert len(result["recall"][method]["per_layer"]) == LAYERS
+    # the Forecast compared with itself scores the same, and unlike the untrained init
+    assert result["recall"]["compare"] == result["recall"]["forecast"] != result["recall"]["query_mean"]
     assert result["recall"]["reuse"]["per_layer"][0] is None
     ppl = result["perplexity"]
     assert set(ppl) == {"prefill", "per_token"}
+    assert ppl["per_token"]["sparda_compare"] == pytest.approx(ppl["per_token"]["sparda"], rel=1e-6)
     assert ppl["prefill"]["dense"] == pytest.approx(ppl["per_token"]["dense"], rel=1e-4)
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert saved["settings"]["sequences"] == 2 and saved["settings"]["min_position"] == 256

@@ -5,7 +5,8 @@ blocks excluded), the fraction that the Forecast of layer l-1 (layer 0: q_select
 top-k. Counted at every query position >= --min-position (default top_k_blocks * 64: before that all visible blocks
 fit into k and recall is 1 trivially), summed over sequences, KV heads and positions. Beside the given Forecast it
 reports two training-free baselines: `query_mean` (the model's default init: layer l's group-mean query weights on
-layer l-1's input) and `reuse` (layer l reuses layer l-1's own query-selector blocks; undefined for layer 0).
+layer l-1's input) and `reuse` (layer l reuses layer l-1's own query-selector blocks; undefined for layer 0), and
+with --compare DIR a second Forecast (`compare`, e.g. an earlier one), scored on the same forward.
 
 Perplexity of the same text under dense, sparse (query selector) and sparda attention, measured two ways:
   * `prefill`: the model's own forward (`Transformer.__call__`) over each whole sequence: one selection per 64-token
@@ -35,7 +36,7 @@ from sparda_jax.cli import ArgumentParser, run_main
 from sparda_jax.errors import SpardaError
 
 DEFAULT_EVAL_DATA = "austen,pg"
-METHODS = ("forecast", "query_mean", "reuse")
+METHODS = ("forecast", "compare", "query_mean", "reuse")  # "compare" only with --compare
 
 
 # ------------------------------------------------------------------------------------------------ recall
@@ -211,8 +212,9 @@ def evaluate(model, forecast_states: dict[str, Any], rows: np.ndarray, sparse, *
     from tqdm import tqdm
 
     num_layers = model.config.num_layers
-    hits = {m: np.zeros(num_layers) for m in METHODS}
-    totals = {m: np.zeros(num_layers) for m in METHODS}
+    methods = [m for m in METHODS if m in forecast_states or m == "reuse"]
+    hits = {m: np.zeros(num_layers) for m in methods}
+    totals = {m: np.zeros(num_layers) for m in methods}
     recall_fn = make_recall_fn(model, sparse, min_position)
     batches = [rows[i: i + batch] for i in range(0, len(rows), batch)]
     for tokens in tqdm(batches if recall else [], desc="recall", disable=not progress, file=sys.stderr):
@@ -222,7 +224,7 @@ def evaluate(model, forecast_states: dict[str, Any], rows: np.ndarray, sparse, *
             totals[m] += np.asarray(n, np.float64)
 
     recalls: dict[str, Any] = {}
-    for m in METHODS if recall else ():
+    for m in methods if recall else ():
         per_layer = [float(h / n) if n else None for h, n in zip(hits[m], totals[m])]
         forecast_layers = [x for x in per_layer[1:] if x is not None]
         recalls[m] = {"per_layer": per_layer,
@@ -232,7 +234,8 @@ def evaluate(model, forecast_states: dict[str, Any], rows: np.ndarray, sparse, *
 
     ppl: dict[str, dict[str, float]] = {}
     mode_states = [("dense", "forecast"), ("sparse", "forecast"), ("sparda", "forecast"),
-                   ("sparda_query_mean", "query_mean")]
+                   ("sparda_query_mean", "query_mean")] + ([("sparda_compare", "compare")]
+                                                           if "compare" in forecast_states else [])
     for kind in ppl_kinds:
         ppl[kind] = {}
         fn = make_nll_fn(model, sparse, kind)
@@ -245,7 +248,7 @@ def evaluate(model, forecast_states: dict[str, Any], rows: np.ndarray, sparse, *
                 count += int(n)
             ppl[kind][label] = math.exp(total / count)
     return {"recall": recalls, "perplexity": ppl,
-            "recall_tokens_counted": {m: float(totals[m].sum()) for m in METHODS if recall}}
+            "recall_tokens_counted": {m: float(totals[m].sum()) for m in methods if recall}}
 
 
 def plot_recall(result: dict[str, Any], path: Path, title: str) -> None:
@@ -255,9 +258,11 @@ def plot_recall(result: dict[str, Any], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    labels = {"forecast": "trained Forecast", "query_mean": "query-mean init (training-free)",
-              "reuse": "reuse layer l-1's selection"}
-    for m, style in zip(METHODS, ("o-", "s--", "^:")):
+    labels = {"forecast": "trained Forecast", "compare": "compared Forecast (--compare)",
+              "query_mean": "query-mean init (training-free)", "reuse": "reuse layer l-1's selection"}
+    for m, style in zip(METHODS, ("o-", "d-", "s--", "^:")):
+        if m not in result["recall"]:
+            continue
         per_layer = result["recall"][m]["per_layer"]
         xs = [i for i, v in enumerate(per_layer) if v is not None]
         mean = result["recall"][m]["mean"]
@@ -281,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m train.eval_forecast", description=__doc__.splitlines()[0])
     p.add_argument("--forecast", help="Forecast directory (save_forecast / train.forecast output); default: the "
                                       "one shipped for the model")
+    p.add_argument("--compare", help="also score this Forecast directory (e.g. an earlier one) on the same forward")
     p.add_argument("--model", help="GGUF file or HF directory (default: the embedded SmolLM2-135M-Instruct)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text-file", help="evaluate on this text file")
@@ -310,7 +316,7 @@ def _validate(args):
         raise SpardaError(f"--seq-len must be a positive multiple of 64, got {args.seq_len}")
     if args.num_seqs <= 0 or args.batch <= 0:
         raise SpardaError("--num-seqs and --batch must be positive")
-    for name in ("forecast", "model", "text_file", "tokens"):
+    for name in ("forecast", "compare", "model", "text_file", "tokens"):
         value = getattr(args, name)
         if value is not None and not Path(value).exists():
             raise SpardaError(f"--{name.replace('_', '-')} not found: {value}")
@@ -374,14 +380,19 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = build_model(checkpoint.weights, checkpoint.config, dtype=dtype, forecast_init="query_mean")
     init_state = jax.tree.map(jnp.copy, nnx.state(model, ForecastParam))
+    states = {"query_mean": init_state}
+    if args.compare is not None:
+        forecast_checkpoint.load_forecast(model, args.compare)
+        states["compare"] = jax.tree.map(jnp.copy, nnx.state(model, ForecastParam))
     meta = forecast_checkpoint.load_forecast(model, forecast_dir)
-    states = {"forecast": nnx.state(model, ForecastParam), "query_mean": init_state}
+    states["forecast"] = nnx.state(model, ForecastParam)
     min_position = default_min_position(sparse) if args.min_position is None else args.min_position
 
     result = evaluate(model, states, rows, sparse, min_position=min_position, ppl_kinds=kinds, batch=args.batch,
                       recall=not args.no_recall, progress=not args.no_progress)
     result["settings"] = {
-        "forecast": str(forecast_dir), "forecast_metadata": meta, "model": checkpoint.path.name, "text": source,
+        "forecast": str(forecast_dir), "forecast_metadata": meta, "compare": args.compare,
+        "model": checkpoint.path.name, "text": source,
         "sequences": int(len(rows)), "seq_len": args.seq_len, "top_k_blocks": sparse.top_k_blocks,
         "local_blocks": sparse.local_blocks, "min_position": min_position, "dtype": args.dtype,
         "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}", "host": platform.node(),
@@ -404,7 +415,7 @@ def _print_summary(result: dict[str, Any]) -> None:
     r = result["recall"]
     if r:
         print("recall@k mean over layers 1..L-1: " + ", ".join(
-            f"{m} {r[m]['mean']:.4f}" for m in METHODS if r[m]["mean"] is not None), file=sys.stderr)
+            f"{m} {r[m]['mean']:.4f}" for m in METHODS if m in r and r[m]["mean"] is not None), file=sys.stderr)
         print(f"layer 0 (q_select): forecast {r['forecast']['per_layer'][0]}, query_mean "
               f"{r['query_mean']['per_layer'][0]}", file=sys.stderr)
     for kind, values in result["perplexity"].items():
