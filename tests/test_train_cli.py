@@ -177,6 +177,26 @@ def test_train_cli_errors_are_one_line(args, message):
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+def test_eval_cli_succeeds_with_exit_code_zero(tiny_model_dir, text_file, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "train.eval_forecast", "--model", str(tiny_model_dir),
+                           "--forecast", str(_shipped_like(tiny_model_dir, tmp_path)), "--text-file", str(text_file),
+                           "--seq-len", "512", "--num-seqs", "1", "--top-k-blocks", "4", "--local-blocks", "1",
+                           "--ppl", "none", "--out", str(tmp_path / "eval"), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "recall@k mean" in proc.stderr and "{'recall'" not in proc.stderr  # a summary, not the result dict
+    assert (tmp_path / "eval" / "eval.json").exists()
+
+
+def _shipped_like(model_dir, tmp_path):
+    from sparda_jax.forecast_checkpoint import save_forecast
+    from sparda_jax.model import build_model
+    from sparda_jax.weights import load_checkpoint
+
+    ckpt = load_checkpoint(model_dir)
+    return save_forecast(build_model(ckpt.weights, ckpt.config), tmp_path / "forecast")
+
+
 def test_eval_cli_errors_are_one_line(tmp_path):
     code, err = _cli("train.eval_forecast", "--forecast", str(tmp_path / "missing"))
     assert code == 2 and err.startswith("error: ") and "not found" in err and "\n" not in err

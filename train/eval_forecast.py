@@ -27,6 +27,7 @@ import json
 import math
 import platform
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +273,7 @@ def plot_recall(result: dict[str, Any], path: Path, title: str) -> None:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 120)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -423,7 +424,11 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    run_main(run)
+    def cli() -> int:
+        run()  # the result dict is for library callers; as a command the outcome is the exit code
+        return 0
+
+    run_main(cli)
 
 
 if __name__ == "__main__":
