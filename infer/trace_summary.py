@@ -4,6 +4,10 @@
 trace to the run. Per GPU stream it reports the busy time (union of its kernels and copies), the time per kernel
 category, the number of kernels, and, over all streams, the idle time and the time two streams ran at once (what a
 second stream hides). Categories come from kernel names (our Pallas kernels are named `sparda_*`).
+
+When the GPU sits idle inside the traced span, the host was the bottleneck: `host_during_idle_us_per_step` names
+the host-side trace events (jax dispatch, XLA runtime thunks, command-buffer updates...) that overlapped those idle
+gaps, by how long. Nested events each count their own overlap, so the figures do not add up to the idle time.
 """
 
 from __future__ import annotations
@@ -88,6 +92,27 @@ def _device_threads(trace: dict) -> tuple[dict[tuple, tuple[str, str]], list[dic
     return {key: (proc_names[key[0]], name) for key, name in thread_names.items() if key[0] in gpu_pids}, events
 
 
+def _host_events(trace: dict) -> list[dict]:
+    threads, events = _device_threads(trace)
+    return [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) not in threads]
+
+
+def _gaps(busy: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    return [(a[1], b[0]) for a, b in zip(busy, busy[1:]) if b[0] > a[1]]
+
+
+def host_during_idle(trace: dict, busy: list[tuple[float, float]], steps: int, top: int = 12) -> dict[str, float]:
+    """{host event name: microseconds per step it overlapped the GPU's idle gaps}, the `top` largest."""
+    gaps = _gaps(busy)
+    totals: dict[str, float] = {}
+    for e in _host_events(trace):
+        start = float(e["ts"])
+        overlap = _length(_intersection([(start, start + float(e.get("dur", 0)))], gaps))
+        if overlap > 0:
+            totals[e["name"]] = totals.get(e["name"], 0.0) + overlap / steps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:top])
+
+
 def device_streams(trace: dict) -> dict[str, list[dict]]:
     """{stream name: its complete events} for every GPU stream in the trace. Device processes are those whose name
     mentions a GPU; within them only threads named like streams carry kernels (others hold per-op or per-module
@@ -126,7 +151,8 @@ def summarize_trace(trace: dict, steps: int = 1) -> dict[str, Any]:
     overlap = _union([iv for i, a in enumerate(names) for b in names[i + 1:]
                       for iv in _intersection(busy[a], busy[b])])
     out.update(span_us_per_step=span / steps, busy_us_per_step=_length(everything) / steps,
-               idle_us_per_step=(span - _length(everything)) / steps, overlap_us_per_step=_length(overlap) / steps)
+               idle_us_per_step=(span - _length(everything)) / steps, overlap_us_per_step=_length(overlap) / steps,
+               host_during_idle_us_per_step=host_during_idle(trace, everything, steps))
     return out
 
 

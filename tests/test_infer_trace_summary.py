@@ -26,7 +26,7 @@ def test_summary_of_two_streams(tmp_path):
         _kernel(gpu, 10, "sm90_xmma_gemm_bf16", 30, 10),  # overlaps the attention on the same stream
         _kernel(gpu, 11, "sparda_fill_slots", 5, 20),  # second stream: [5, 25)
         _kernel(gpu, 12, "fusion.3", 0, 100),  # per-op summary lane: ignored
-        _kernel(host, 20, "PjitFunction(step)", 0, 100),  # host: ignored
+        _kernel(host, 20, "PjitFunction(step)", 0, 100),  # host: no GPU time; no idle gap to overlap here
     ]
     s = summarize_trace({"traceEvents": events}, steps=2)
     compute = s["streams"]["/device:GPU:0 Stream #1(Compute)"]
@@ -39,6 +39,7 @@ def test_summary_of_two_streams(tmp_path):
     assert s["busy_us_per_step"] == pytest.approx(20.0)
     assert s["idle_us_per_step"] == pytest.approx(0.0)
     assert s["overlap_us_per_step"] == pytest.approx(5.0)
+    assert s["host_during_idle_us_per_step"] == {}
     plot_timeline({"traceEvents": events}, tmp_path / "timeline.png", "two streams")
     assert (tmp_path / "timeline.png").stat().st_size > 1000
 
@@ -52,6 +53,20 @@ def test_idle_gaps_and_categories():
     assert s["overlap_us_per_step"] == 0.0
     assert [category(n) for n in ("sparda_fill_slots", "cutlass_80_wmma", "scatter_2", "wrapped_cumsum", "x")] == \
            ["fill", "matmul", "scatter", "reduce", "other"]
+
+
+def test_host_events_during_gpu_idle_gaps():
+    gpu, host = 1, 2
+    events = _meta(gpu, 1, "/device:GPU:0", "Stream #7") + _meta(host, 5, "/host:CPU", "python")
+    events += [_kernel(gpu, 1, "fusion", 0, 10), _kernel(gpu, 1, "fusion", 30, 10), _kernel(gpu, 1, "fusion", 50, 10)]
+    # GPU idle gaps: [10, 30) and [40, 50)
+    events += [_kernel(host, 5, "CommandBufferThunk", 5, 20),  # overlaps [10, 25) = 15
+               _kernel(host, 5, "CommandBufferThunk", 38, 20),  # overlaps [40, 50) = 10
+               _kernel(host, 5, "PjitFunction(step)", 0, 60),  # the whole step: both gaps, 30
+               _kernel(host, 5, "ParseArguments", 31, 8)]  # inside a busy stretch: absent
+    s = summarize_trace({"traceEvents": events}, steps=2)
+    assert s["idle_us_per_step"] == pytest.approx(15.0)
+    assert s["host_during_idle_us_per_step"] == {"PjitFunction(step)": 15.0, "CommandBufferThunk": 12.5}
 
 
 def test_no_gpu_events_is_reported_not_raised(tmp_path):
