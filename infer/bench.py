@@ -313,7 +313,8 @@ def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
 
     sparda_vs_sparse_offload: tok/s ratio of the two offload modes (zero-copy, k slots). step_vs_bound: sparda-offload
     step / max(GPU-only step, missed bytes / pcie_gbps), with the GPU-only step taken from the resident sparda run at
-    the same batch when it fits, else from the `nofetch` variant (same program, fills skipped). exposed_copy_ms:
+    the same batch when it fits, else from the `nofetch` variant (same program, fills skipped); bound_term says which
+    of the two is larger. exposed_copy_ms:
     step - nofetch step.
     """
     runs = [r for r in result["runs"] if not r["error"] and not r["mode"].startswith("prefill")]
@@ -340,8 +341,10 @@ def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
             if sd:
                 gpu = res["step_s"] if res else (nf["step_s"] if nf else None)
                 if gpu:
-                    row["step_vs_bound"] = sd["step_s"] / max(gpu, sd["mb_per_step"] / 1e3 / pcie_gbps)
-                    row["bound_from"] = "resident sparda" if res else "nofetch"
+                    pcie = sd["mb_per_step"] / 1e3 / pcie_gbps
+                    row["step_vs_bound"] = sd["step_s"] / max(gpu, pcie)
+                    row["bound_from"] = "resident sparda" if res else "nofetch"  # where the GPU-only step came from
+                    row["bound_term"] = "pcie" if pcie > gpu else "gpu step"
                 if nf:
                     row["exposed_copy_ms"] = (sd["step_s"] - nf["step_s"]) * 1e3
             if len(row) > 3:

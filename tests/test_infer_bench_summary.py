@@ -31,9 +31,11 @@ def test_summary_ratios():
     assert b2["sparda_vs_sparse_offload"] == pytest.approx(2.0)
     # 10 ms against max(resident sparda 5 ms, 520 MB at 52 GB/s = 10 ms)
     assert b2["step_vs_bound"] == pytest.approx(1.0) and b2["bound_from"] == "resident sparda"
+    assert b2["bound_term"] == "pcie"
     assert b2["exposed_copy_ms"] == pytest.approx(2.0)
     # no resident run at B=8: the bound is max(nofetch 4 ms, 1 ms of PCIe)
     assert b8["step_vs_bound"] == pytest.approx(4.0) and b8["bound_from"] == "nofetch"
+    assert b8["bound_term"] == "gpu step"
     assert "sparda_vs_sparse_offload" not in b8
     # best sparda-offload (k slots, no variant) 8 / 0.016 = 500 tok/s vs best resident sparse 2 / 0.004 = 500 tok/s
     assert best["best_throughput_ratio"] == pytest.approx(1.0) and best["batches_run"] == [2, 8]
