@@ -1,7 +1,8 @@
 """Selection locality of the real default model (SmolLM2), measured on CPU, and its replay at other shapes.
 
 `python -m infer.locality --out bench_results/engine/locality_smollm2.json` decodes with the offload engine in the
-`sparse-offload` and `sparda-offload` modes, records every layer's selection at every step, and stores per layer:
+`sparse-offload` and `sparda-offload` modes (sparda with the trained Forecast: the shipped one unless `--forecast DIR`),
+records every layer's selection at every step, and stores per layer:
   drift: fraction of the non-forced selected blocks that were not selected at the previous step,
   recur: of the blocks that enter the selection, the fraction selected at some earlier decode step,
 and, replaying the recorded selections through `SlotMap`, the hit rate with a pool of k slots and with larger caches.
@@ -71,9 +72,11 @@ def locality_from_trace(trace: list[list[np.ndarray]], positions: list[np.ndarra
     return out
 
 
-def measure(text_path: str, prompt_tokens: int, steps: int, top_k: int, local: int) -> dict:
+def measure(text_path: str, prompt_tokens: int, steps: int, top_k: int, local: int,
+            forecast_dir: str | Path | None = None) -> dict:
     from infer.engine import OffloadEngine
     from sparda_jax.config import SparseConfig
+    from sparda_jax.forecast_checkpoint import default_forecast_for, load_forecast
     from sparda_jax.model import build_model
     from sparda_jax.tokenizer import load_tokenizer
     from sparda_jax.weights import load_checkpoint
@@ -81,13 +84,17 @@ def measure(text_path: str, prompt_tokens: int, steps: int, top_k: int, local: i
     ck = load_checkpoint()
     tok = load_tokenizer(ck)
     model = build_model(ck.weights, ck.config)
+    forecast_dir = forecast_dir or default_forecast_for(ck.path)
+    if forecast_dir is None:
+        raise SpardaError("no trained Forecast for this model: pass --forecast DIR")
+    load_forecast(model, forecast_dir)
     ids = tok.encode(Path(text_path).read_text())
     while len(ids) < prompt_tokens + steps:
         ids = ids + ids
     prompt = np.asarray(ids[:prompt_tokens], np.int32)[None]
     sparse = SparseConfig(top_k_blocks=top_k, local_blocks=local)
-    result = {"model": str(ck.path), "text": text_path, "prompt_tokens": prompt_tokens, "steps": steps,
-              "top_k_blocks": top_k, "local_blocks": local, "modes": {}}
+    result = {"model": str(ck.path), "forecast": str(forecast_dir), "text": text_path, "prompt_tokens": prompt_tokens,
+              "steps": steps, "top_k_blocks": top_k, "local_blocks": local, "modes": {}}
     for mode in ("sparse-offload", "sparda-offload"):
         trace, positions = [], []
         max_len = -(-(prompt_tokens + steps) // 256) * 256
@@ -213,13 +220,19 @@ def run() -> int:
     p.add_argument("--steps", type=int, default=96)
     p.add_argument("--top-k-blocks", type=int, default=16)
     p.add_argument("--local-blocks", type=int, default=4)
+    p.add_argument("--forecast", help="Forecast checkpoint for sparda (default: the one shipped for the model)")
     p.add_argument("--out", default="bench_results/engine/locality_smollm2.json")
     a = p.parse_args()
     if not Path(a.text).is_file():
         raise SpardaError(f"text file not found: {a.text}")
-    res = measure(a.text, a.prompt_tokens, a.steps, a.top_k_blocks, a.local_blocks)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    if a.forecast is not None and not Path(a.forecast).is_dir():
+        raise SpardaError(f"Forecast checkpoint not found: {a.forecast}")
+    res = measure(a.text, a.prompt_tokens, a.steps, a.top_k_blocks, a.local_blocks, a.forecast)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")  # never a half-written file where the benchmarks read it
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(out)
     return 0
 
 

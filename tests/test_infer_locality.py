@@ -82,3 +82,17 @@ def test_trace_hook_plays_the_in_step_replay():
         got, state = step(state)
         for layer in range(LAYERS):
             np.testing.assert_array_equal(np.asarray(got[layer]), expected[s % steps][layer], err_msg=f"step {s}")
+
+
+def test_cli_rejects_a_missing_forecast_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    text = tmp_path / "t.txt"
+    text.write_text("some text " * 100)
+    proc = subprocess.run([sys.executable, "-m", "infer.locality", "--text", str(text), "--forecast",
+                           str(tmp_path / "missing"), "--out", str(tmp_path / "loc.json")],
+                          capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and err.startswith("error: ") and "not found" in err and "\n" not in err
+    assert not (tmp_path / "loc.json").exists()
