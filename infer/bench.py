@@ -67,8 +67,10 @@ class Run:
     batch: int
     transfer: str = ""
     cache_slots: int = 0
-    step_s: float = 0.0
+    step_s: float = 0.0  # pipelined (Timing.step_s); in result files without blocking_step_s, the blocking median
     tok_s: float = 0.0
+    blocking_step_s: float = 0.0
+    dispatch_s: float = 0.0
     hit_rate: float = float("nan")
     misses_per_step: float = 0.0
     mb_per_step: float = 0.0
@@ -84,12 +86,34 @@ class Run:
     profile: dict = dataclasses.field(default_factory=dict)  # --profile: infer.trace_summary of traced steps
     error: str = ""
 
+    def set_timing(self, t: "Timing") -> list:
+        self.step_s, self.blocking_step_s, self.dispatch_s, self.first_call_s = (
+            t.step_s, t.blocking_step_s, t.dispatch_s, t.first_call_s)
+        return t.stats
+
 
 PROFILE_STEPS = 2
 
 
-def time_engine(engine, batch: int, warmup: int, steps: int) -> tuple[float, list, float]:
-    """Median step seconds, the timed steps' stats, and the first call's seconds (compile included)."""
+@dataclasses.dataclass
+class Timing:
+    step_s: float  # pipelined: `steps` steps dispatched back to back, each fed the previous one's greedy token
+    blocking_step_s: float  # median of `steps` steps that each wait for their logits
+    dispatch_s: float  # median host time to enqueue one pipelined step
+    first_call_s: float  # compile + first step
+    stats: list  # the blocking steps' StepStats
+
+
+def timed_steps(warmup: int, steps: int) -> int:
+    """Decode steps `time_engine` runs (a selection trace must cover them all)."""
+    return warmup + 2 * steps + 1
+
+
+def time_engine(engine, batch: int, warmup: int, steps: int) -> Timing:
+    import jax
+    import jax.numpy as jnp
+
+    greedy = jax.jit(lambda logits: jnp.argmax(logits, -1).astype(jnp.int32))
     tok = np.ones(batch, np.int32)
     t0 = time.perf_counter()
     engine.decode(tok)
@@ -100,7 +124,16 @@ def time_engine(engine, batch: int, warmup: int, steps: int) -> tuple[float, lis
     for _ in range(steps):
         engine.decode(tok)
     st = engine.stats[n0:]
-    return float(np.median([s.seconds for s in st])), st, first
+    greedy(engine.decode(tok, block=False)).block_until_ready()  # compiles `greedy` outside the timing
+    n1 = len(engine.stats)
+    t0 = time.perf_counter()
+    token = tok
+    for _ in range(steps):
+        token = greedy(engine.decode(token, block=False))
+    token.block_until_ready()
+    pipelined = (time.perf_counter() - t0) / steps
+    return Timing(pipelined, float(np.median([s.seconds for s in st])),
+                  float(np.median([s.dispatch_s for s in engine.stats[n1:]])), first, st)
 
 
 def profile_engine(engine, batch: int, run: Run, out: Path) -> None:
@@ -112,11 +145,13 @@ def profile_engine(engine, batch: int, run: Run, out: Path) -> None:
 
     from infer.trace_summary import find_perfetto_trace, load_trace, plot_timeline, summarize_trace
 
-    tok = np.ones(batch, np.int32)
+    greedy = jax.jit(lambda logits: jax.numpy.argmax(logits, -1).astype(np.int32))
+    token = greedy(engine.decode(np.ones(batch, np.int32)))
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            for _ in range(PROFILE_STEPS):
-                engine.decode(tok)
+            for _ in range(PROFILE_STEPS):  # as time_engine's pipelined loop
+                token = greedy(engine.decode(token, block=False))
+            token.block_until_ready()
         trace = load_trace(find_perfetto_trace(tmp))
     run.profile = summarize_trace(trace, PROFILE_STEPS)
     name = "_".join(str(x) for x in (run.shape, run.context, run.batch, run.mode, run.transfer, run.cache_slots,
@@ -141,8 +176,8 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
         r.replay = replay
         replay_args = (stats, c.num_layers, batch, c.num_kv_heads, sparse.top_k_blocks, sparse.local_blocks, ctx)
         if replay == "trace":  # every step time_engine (and profile_engine) runs, drawn before the timing
-            traced = PROFILE_STEPS if profile_out is not None else 0
-            hook, hstate = trace_hook(replay_trace(*replay_args, steps=warmup + steps + traced))
+            traced = PROFILE_STEPS + 1 if profile_out is not None else 0
+            hook, hstate = trace_hook(replay_trace(*replay_args, steps=timed_steps(warmup, steps) + traced))
         else:
             hook, hstate = device_replay(*replay_args)
         eng = FusedOffloadEngine(model, sparse, selection_hook=hook, hook_state=hstate, stream="stream" in variant,
@@ -154,7 +189,7 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
     with eng:
         eng.fill_synthetic(ctx, fill_store=False)
         r.cache_slots = eng.cache_slots
-        r.step_s, st, r.first_call_s = time_engine(eng, batch, warmup, steps)
+        st = r.set_timing(time_engine(eng, batch, warmup, steps))
         if profile_out is not None:
             profile_engine(eng, batch, r, profile_out)
     r.tok_s = batch / r.step_s
@@ -220,7 +255,7 @@ def resident_run(model, sparse, shape, mode, ctx, batch, warmup, steps, profile_
     r = Run(shape, mode, ctx, batch)
     eng = ResidentEngine(model, sparse, mode=mode, batch=batch, max_len=ctx + 256)
     eng.fill_synthetic(ctx)
-    r.step_s, _, r.first_call_s = time_engine(eng, batch, warmup, steps)
+    r.set_timing(time_engine(eng, batch, warmup, steps))
     if profile_out is not None:
         profile_engine(eng, batch, r, profile_out)
     r.tok_s = batch / r.step_s
@@ -558,7 +593,7 @@ def main():
                 result["runs"].append(dataclasses.asdict(r))
                 gc.collect()
                 log(f"{mode:15s} {transfer:11s} {variant:7s} slots {slots:4d} ctx {ctx} B {b:3d}: {r.tok_s:9.1f} tok/s "
-                    f"step {r.step_s * 1e3:8.2f} ms hit {r.hit_rate:.3f} miss/step {r.misses_per_step:7.1f} "
+                    f"step {r.step_s * 1e3:8.2f} ms (blocking {r.blocking_step_s * 1e3:.2f}, dispatch {r.dispatch_s * 1e3:.2f}) hit {r.hit_rate:.3f} miss/step {r.misses_per_step:7.1f} "
                     f"{r.mb_per_step:7.1f} MB copy {r.copy_s_per_step * 1e3:6.2f} ms wait {r.wait_s_per_step * 1e3:6.2f}"
                     f" ms hidden {r.hidden_fraction:.2f} ({time.time() - t_run:.0f}s) {r.error[:120]}")
                 save()

@@ -48,6 +48,18 @@ def decode_select(scores, positions, num_blocks, sparse: SparseConfig):
     return selection.select_for_queries(scores, positions, num_blocks, sparse, per_query_block=False)[:, :, 0]
 
 
+def batch_tokens(tokens, batch: int):
+    """One token per sequence: a device array stays on the device (int32 [B]); anything else becomes numpy."""
+    if isinstance(tokens, jax.Array):
+        if tokens.size != batch:
+            raise SpardaError(f"decode takes one token per sequence ({batch}), got shape {tokens.shape}")
+        return tokens.reshape(batch).astype(jnp.int32)
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.size != batch:
+        raise SpardaError(f"decode takes one token per sequence ({batch}), got shape {tokens.shape}")
+    return tokens.reshape(batch)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
 def _front(graphdef, state, x, positions, kc_own, kc_next, selector: str, first: bool, num_blocks: int,
            sparse: SparseConfig):
@@ -340,21 +352,22 @@ class OffloadEngine:
         dst[0, :m], dst[1, :m], dst[2, :m] = plan.miss_b, plan.miss_kv, plan.miss_slot
         return jnp.asarray(dst)
 
-    def _decode_inputs(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Checks that a decode step can run; returns the tokens [B] and each sequence's position [B]."""
+    def _decode_inputs(self, tokens) -> tuple[Any, np.ndarray]:
+        """Checks that a decode step can run; returns the tokens [B] and each sequence's position [B]. A device
+        array of tokens stays on the device (reading it here would stall a pipelined loop)."""
         if self._closed:
             raise SpardaError("the engine is closed")
         positions = self.lengths.copy()
         if int(positions.max()) >= self.max_len:
             raise SpardaError(f"context {self.max_len} is full")
-        return np.asarray(tokens, np.int32).reshape(self.batch), positions
+        return batch_tokens(tokens, self.batch), positions
 
     def decode(self, tokens: np.ndarray) -> jax.Array:
         """One token per sequence, appended at each sequence's own length. Returns logits [B, V]."""
         tokens, positions_np = self._decode_inputs(tokens)
         t0 = time.perf_counter()
         positions = jnp.asarray(positions_np[:, None].astype(np.int32))
-        x = _embed(*self.top, jnp.asarray(tokens[:, None]))
+        x = _embed(*self.top, jnp.asarray(tokens)[:, None])
         num_layers = self.config.num_layers
         step = StepStats(self._steps, "decode")
         pending = None
@@ -429,12 +442,14 @@ class ResidentEngine:
             raise SpardaError(f"ResidentEngine mode must be dense, sparse or sparda, got {mode!r}")
         self.config, self.sparse, self.mode, self.batch, self.max_len = model.config, sparse, mode, batch, max_len
         self.dtype = model.dtype
-        self._graphdef, self._state = nnx.split(model)
+        graphdef, state = nnx.split(model)
+        # Flattened once: an nnx.State is flattened in Python, Variable by Variable, on every call otherwise.
+        self._params, params_tree = jax.tree.flatten(state)
         self.cache = KVCache.create(model.config, sparse, batch, max_len, model.dtype)
-        gd = self._graphdef
 
-        def run(state, tokens, cache, lengths):
-            return nnx.merge(gd, state)(tokens, cache, mode=mode, sparse=sparse, lengths=lengths)
+        def run(params, tokens, cache, lengths):
+            model = nnx.merge(graphdef, jax.tree.unflatten(params_tree, params))
+            return model(tokens, cache, mode=mode, sparse=sparse, lengths=lengths)
 
         self._run = jax.jit(run, donate_argnums=(2,))
         self.stats: list[StepStats] = []
@@ -445,15 +460,20 @@ class ResidentEngine:
         lengths = np.full(tokens.shape[0], tokens.shape[1]) if lengths is None else np.asarray(lengths)
         return self._timed("prefill", tokens, lengths.astype(np.int32))
 
-    def decode(self, tokens: np.ndarray) -> jax.Array:
-        return self._timed("decode", np.asarray(tokens, np.int32).reshape(self.batch, 1), None)
+    def decode(self, tokens, *, block: bool = True) -> jax.Array:
+        """block=False returns at once (the step runs asynchronously): feed the next step device-side tokens and
+        the host's dispatch overlaps the GPU's step."""
+        return self._timed("decode", batch_tokens(tokens, self.batch)[:, None], None, block)
 
-    def _timed(self, kind, tokens, lengths):
+    def _timed(self, kind, tokens, lengths, block=True):
         t0 = time.perf_counter()
-        logits, self.cache = self._run(self._state, jnp.asarray(tokens), self.cache,
-                                       None if lengths is None else jnp.asarray(lengths))
-        logits.block_until_ready()
-        self.stats.append(StepStats(self._steps, kind, time.perf_counter() - t0))
+        logits, self.cache = self._run(self._params, jax.device_put(tokens), self.cache,
+                                       None if lengths is None else jax.device_put(lengths))
+        step = StepStats(self._steps, kind, float("nan"), dispatch_s=time.perf_counter() - t0)
+        if block:
+            logits.block_until_ready()
+            step.seconds = time.perf_counter() - t0
+        self.stats.append(step)
         self._steps += 1
         return logits
 

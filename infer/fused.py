@@ -89,10 +89,10 @@ def slot_diff(ids, positions, slot_block, age, clock, *, num_blocks: int, block_
 FILL_KERNELS = ("grid", "persistent")
 
 
-def _fused_step(graphdef, params, state, tokens, positions, hosts, *, selector: str, sparse: SparseConfig,
-                num_blocks: int, interpret: bool, stream: bool, fetch: bool, fill_kernel: str,
+def _fused_step(graphdef, params_tree, params, state, tokens, positions, hosts, *, selector: str,
+                sparse: SparseConfig, num_blocks: int, interpret: bool, stream: bool, fetch: bool, fill_kernel: str,
                 hook: DeviceSelectionHook | None):
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, jax.tree.unflatten(params_tree, params))
     c = model.config
     inv_freq = rope_frequencies(c)
     pos2 = positions[:, None]
@@ -169,9 +169,11 @@ class FusedOffloadEngine(OffloadEngine):
         super().__init__(model, sparse, **kwargs)
         self.on_gpu = jax.default_backend() == "gpu"
         self.hosts = host_arrays(self.store)
-        self._graphdef, self._params = nnx.split(model)
+        graphdef, params = nnx.split(model)
+        # Flattened once: an nnx.State is flattened in Python, Variable by Variable, on every call otherwise.
+        self._params, params_tree = jax.tree.flatten(params)
         opts = {"xla_gpu_experimental_stream_annotation": True} if stream else None
-        step = functools.partial(_fused_step, self._graphdef, selector=self.selector, sparse=sparse,
+        step = functools.partial(_fused_step, graphdef, params_tree, selector=self.selector, sparse=sparse,
                                  num_blocks=self.num_blocks, interpret=not self.on_gpu, stream=stream, fetch=fetch,
                                  fill_kernel=fill_kernel, hook=selection_hook)
         self._step = jax.jit(step, donate_argnums=(1,), compiler_options=opts)
@@ -225,17 +227,21 @@ class FusedOffloadEngine(OffloadEngine):
         if not self.on_gpu:  # CPU: the JAX host arrays are copies
             self.hosts = host_arrays(self.store)
 
-    def decode(self, tokens: np.ndarray) -> jax.Array:
+    def decode(self, tokens, *, block: bool = True) -> jax.Array:
+        """block=False returns at once (the step runs asynchronously): feed the next step device-side tokens and
+        the host's dispatch overlaps the GPU's step. Every 64 steps `_flush_due` syncs once regardless."""
         tokens, positions = self._decode_inputs(tokens)
         if self.state is None:
             raise SpardaError("prefill (or fill_synthetic) first")
         t0 = time.perf_counter()
         self._flush_due(positions)
-        logits, self.state, counts = self._step(self._params, self.state, jnp.asarray(tokens),
-                                                jnp.asarray(positions.astype(np.int32)), tuple(self.hosts))
-        logits.block_until_ready()
+        logits, self.state, counts = self._step(self._params, self.state, jax.device_put(tokens),
+                                                jax.device_put(positions.astype(np.int32)), tuple(self.hosts))
         self.lengths = positions + 1
-        step = StepStats(self._steps, "decode", time.perf_counter() - t0)
+        step = StepStats(self._steps, "decode", float("nan"), dispatch_s=time.perf_counter() - t0)
+        if block:
+            logits.block_until_ready()
+            step.seconds = time.perf_counter() - t0
         step.pending = (counts, self.row_bytes)
         self.stats.append(step)
         self._steps += 1

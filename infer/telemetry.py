@@ -22,7 +22,8 @@ class LayerStats:
 class StepStats:
     step: int
     kind: str  # "prefill" or "decode"
-    seconds: float = 0.0
+    seconds: float = 0.0  # until the step's output is ready; NaN for a step dispatched with block=False
+    dispatch_s: float = 0.0  # host time to enqueue the step (a pipelined loop hides it only if it is < the GPU step)
     layers: list[LayerStats] = dataclasses.field(default_factory=list)
     pending: Any = None  # fused engine: ([L, 3] device counts, bytes per block), read on first use
 
@@ -46,7 +47,8 @@ class StepStats:
         return h / (h + m) if h + m else 1.0
 
     def summary(self) -> dict:
-        return {"step": self.step, "kind": self.kind, "seconds": self.seconds, "hits": int(self.total("hits")),
+        return {"step": self.step, "kind": self.kind, "seconds": self.seconds,
+                "dispatch_s": self.dispatch_s, "hits": int(self.total("hits")),
                 "tail_hits": int(self.total("tail_hits")), "misses": int(self.total("misses")),
                 "bytes": int(self.total("bytes")), "copy_s": self.total("copy_s"), "wait_s": self.total("wait_s"),
                 "hit_rate": self.hit_rate}
