@@ -82,13 +82,14 @@ class Run:
     # kernel), "persistent+stream", "nofetch" (fills skipped; timing only)
     variant: str = ""
     first_call_s: float = 0.0  # compile + first step
+    compiles: int = 0
     replay: str = ""  # zero-copy selection replay: "trace" (precomputed) or "in-step" (drawn inside the step)
     profile: dict = dataclasses.field(default_factory=dict)  # --profile: infer.trace_summary of traced steps
     error: str = ""
 
     def set_timing(self, t: "Timing") -> list:
-        self.step_s, self.blocking_step_s, self.dispatch_s, self.first_call_s = (
-            t.step_s, t.blocking_step_s, t.dispatch_s, t.first_call_s)
+        self.step_s, self.blocking_step_s, self.dispatch_s, self.first_call_s, self.compiles = (
+            t.step_s, t.blocking_step_s, t.dispatch_s, t.first_call_s, t.compiles)
         return t.stats
 
 
@@ -101,12 +102,13 @@ class Timing:
     blocking_step_s: float  # median of `steps` steps that each wait for their logits
     dispatch_s: float  # median host time to enqueue one pipelined step
     first_call_s: float  # compile + first step
+    compiles: int  # compiled variants of the engine's step (1 unless an input changed its jit cache key)
     stats: list  # the blocking steps' StepStats
 
 
 def timed_steps(warmup: int, steps: int) -> int:
     """Decode steps `time_engine` runs (a selection trace must cover them all)."""
-    return warmup + 2 * steps + 1
+    return warmup + 2 * steps + 2
 
 
 def time_engine(engine, batch: int, warmup: int, steps: int) -> Timing:
@@ -124,16 +126,17 @@ def time_engine(engine, batch: int, warmup: int, steps: int) -> Timing:
     for _ in range(steps):
         engine.decode(tok)
     st = engine.stats[n0:]
-    greedy(engine.decode(tok, block=False)).block_until_ready()  # compiles `greedy` outside the timing
+    token = greedy(engine.decode(tok, block=False))  # compiles `greedy` outside the timing
+    greedy(engine.decode(token, block=False)).block_until_ready()  # so would a recompile for device-side tokens
     n1 = len(engine.stats)
     t0 = time.perf_counter()
-    token = tok
     for _ in range(steps):
         token = greedy(engine.decode(token, block=False))
     token.block_until_ready()
     pipelined = (time.perf_counter() - t0) / steps
+    step_fn = getattr(engine, "_step", None) or getattr(engine, "_run")
     return Timing(pipelined, float(np.median([s.seconds for s in st])),
-                  float(np.median([s.dispatch_s for s in engine.stats[n1:]])), first, st)
+                  float(np.median([s.dispatch_s for s in engine.stats[n1:]])), first, step_fn._cache_size(), st)
 
 
 def profile_engine(engine, batch: int, run: Run, out: Path) -> None:
@@ -593,7 +596,9 @@ def main():
                 result["runs"].append(dataclasses.asdict(r))
                 gc.collect()
                 log(f"{mode:15s} {transfer:11s} {variant:7s} slots {slots:4d} ctx {ctx} B {b:3d}: {r.tok_s:9.1f} tok/s "
-                    f"step {r.step_s * 1e3:8.2f} ms (blocking {r.blocking_step_s * 1e3:.2f}, dispatch {r.dispatch_s * 1e3:.2f}) hit {r.hit_rate:.3f} miss/step {r.misses_per_step:7.1f} "
+                    f"step {r.step_s * 1e3:8.2f} ms (blocking {r.blocking_step_s * 1e3:.2f}, dispatch "
+                    f"{r.dispatch_s * 1e3:.2f}, compiles {r.compiles}) hit {r.hit_rate:.3f} miss/step "
+                    f"{r.misses_per_step:7.1f} "
                     f"{r.mb_per_step:7.1f} MB copy {r.copy_s_per_step * 1e3:6.2f} ms wait {r.wait_s_per_step * 1e3:6.2f}"
                     f" ms hidden {r.hidden_fraction:.2f} ({time.time() - t_run:.0f}s) {r.error[:120]}")
                 save()
