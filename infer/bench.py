@@ -82,14 +82,15 @@ class Run:
     # kernel), "persistent+stream", "nofetch" (fills skipped; timing only)
     variant: str = ""
     first_call_s: float = 0.0  # compile + first step
-    compiles: int = 0
+    # wall seconds of each part of the run (a GPU session's device time goes mostly here, not into timed steps)
+    phase_s: dict = dataclasses.field(default_factory=dict)
     replay: str = ""  # zero-copy selection replay: "trace" (precomputed) or "in-step" (drawn inside the step)
     profile: dict = dataclasses.field(default_factory=dict)  # --profile: infer.trace_summary of traced steps
     error: str = ""
 
     def set_timing(self, t: "Timing") -> list:
-        self.step_s, self.blocking_step_s, self.dispatch_s, self.first_call_s, self.compiles = (
-            t.step_s, t.blocking_step_s, t.dispatch_s, t.first_call_s, t.compiles)
+        self.step_s, self.blocking_step_s, self.dispatch_s, self.first_call_s = (
+            t.step_s, t.blocking_step_s, t.dispatch_s, t.first_call_s)
         return t.stats
 
 
@@ -102,7 +103,6 @@ class Timing:
     blocking_step_s: float  # median of `steps` steps that each wait for their logits
     dispatch_s: float  # median host time to enqueue one pipelined step
     first_call_s: float  # compile + first step
-    compiles: int  # compiled variants of the engine's step (1 unless an input changed its jit cache key)
     stats: list  # the blocking steps' StepStats
 
 
@@ -134,9 +134,8 @@ def time_engine(engine, batch: int, warmup: int, steps: int) -> Timing:
         token = greedy(engine.decode(token, block=False))
     token.block_until_ready()
     pipelined = (time.perf_counter() - t0) / steps
-    step_fn = getattr(engine, "_step", None) or getattr(engine, "_run")
     return Timing(pipelined, float(np.median([s.seconds for s in st])),
-                  float(np.median([s.dispatch_s for s in engine.stats[n1:]])), first, step_fn._cache_size(), st)
+                  float(np.median([s.dispatch_s for s in engine.stats[n1:]])), first, st)
 
 
 def profile_engine(engine, batch: int, run: Run, out: Path) -> None:
@@ -175,6 +174,14 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
     if (cache_slots or 0) > sparse.top_k_blocks:  # a block cache reaches its steady state only after many steps
         warmup = max(warmup, cache_warmup)
     kw = dict(mode=mode, batch=batch, max_len=store.num_blocks * 64, cache_slots=cache_slots, store=store)
+    clock = time.perf_counter()
+
+    def phase(name):
+        nonlocal clock
+        now = time.perf_counter()
+        r.phase_s[name] = round(now - clock, 2)
+        clock = now
+
     if transfer == "zero-copy":
         r.replay = replay
         replay_args = (stats, c.num_layers, batch, c.num_kv_heads, sparse.top_k_blocks, sparse.local_blocks, ctx)
@@ -183,6 +190,7 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
             hook, hstate = trace_hook(replay_trace(*replay_args, steps=timed_steps(warmup, steps) + traced))
         else:
             hook, hstate = device_replay(*replay_args)
+        phase("selection replay")
         eng = FusedOffloadEngine(model, sparse, selection_hook=hook, hook_state=hstate, stream="stream" in variant,
                                  fetch=variant != "nofetch",
                                  fill_kernel="persistent" if "persistent" in variant else "grid", **kw)
@@ -192,9 +200,13 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
     with eng:
         eng.fill_synthetic(ctx, fill_store=False)
         r.cache_slots = eng.cache_slots
+        phase("engine + synthetic fill")
         st = r.set_timing(time_engine(eng, batch, warmup, steps))
+        phase("steps (compile included)")
         if profile_out is not None:
             profile_engine(eng, batch, r, profile_out)
+            phase("profile")
+    phase("close")
     r.tok_s = batch / r.step_s
     hits = sum(s.total("hits") for s in st)
     miss = sum(s.total("misses") for s in st)
@@ -597,10 +609,10 @@ def main():
                 gc.collect()
                 log(f"{mode:15s} {transfer:11s} {variant:7s} slots {slots:4d} ctx {ctx} B {b:3d}: {r.tok_s:9.1f} tok/s "
                     f"step {r.step_s * 1e3:8.2f} ms (blocking {r.blocking_step_s * 1e3:.2f}, dispatch "
-                    f"{r.dispatch_s * 1e3:.2f}, compiles {r.compiles}) hit {r.hit_rate:.3f} miss/step "
+                    f"{r.dispatch_s * 1e3:.2f}) hit {r.hit_rate:.3f} miss/step "
                     f"{r.misses_per_step:7.1f} "
                     f"{r.mb_per_step:7.1f} MB copy {r.copy_s_per_step * 1e3:6.2f} ms wait {r.wait_s_per_step * 1e3:6.2f}"
-                    f" ms hidden {r.hidden_fraction:.2f} ({time.time() - t_run:.0f}s) {r.error[:120]}")
+                    f" ms hidden {r.hidden_fraction:.2f} ({time.time() - t_run:.0f}s {r.phase_s or ''}) {r.error[:120]}")
                 save()
             del store
             gc.collect()
