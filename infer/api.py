@@ -38,15 +38,16 @@ def generate(model: Transformer, sparse: SparseConfig, mode: str, prompt_ids: li
         if max_new_tokens > 0:
             t0 = time.perf_counter()
             logits = engine.prefill(tokens, np.asarray([len(prompt_ids)]))
-            first = int(_sample(logits, keys[0], *scalars)[0])
+            first = _sample(logits, keys[0], *scalars)
+            first.block_until_ready()
             prefill_s = time.perf_counter() - t0
 
-            def next_token(step: int, token: int) -> int:
-                return int(_sample(engine.decode(np.asarray([token])), keys[step], *scalars)[0])
+            def enqueue_step(step: int, token: jax.Array) -> jax.Array:
+                return _sample(engine.decode(token, block=False), keys[step], *scalars)
 
             t0 = time.perf_counter()
-            new_ids, stop_reason = decode_loop(first, next_token, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                                               on_token=on_token)
+            new_ids, stop_reason = decode_loop(first, enqueue_step, max_new_tokens=max_new_tokens,
+                                               stop_ids=stop_ids, on_token=on_token)
             decode_s = time.perf_counter() - t0
         stats = list(engine.stats)
     # Compiles happen inside the first steps, so they are not timed apart.

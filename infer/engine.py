@@ -362,8 +362,9 @@ class OffloadEngine:
             raise SpardaError(f"context {self.max_len} is full")
         return batch_tokens(tokens, self.batch), positions
 
-    def decode(self, tokens: np.ndarray) -> jax.Array:
-        """One token per sequence, appended at each sequence's own length. Returns logits [B, V]."""
+    def decode(self, tokens, *, block: bool = True) -> jax.Array:
+        """One token per sequence, appended at each sequence's own length. Returns logits [B, V]. `block` is for
+        API parity with the pipelined engines: this one reads every layer's selection on the host, so it waits."""
         tokens, positions_np = self._decode_inputs(tokens)
         t0 = time.perf_counter()
         positions = jnp.asarray(positions_np[:, None].astype(np.int32))
@@ -400,7 +401,7 @@ class OffloadEngine:
         logits.block_until_ready()
         self.lengths = positions_np + 1
         self._flush_completed(positions_np)
-        step.seconds = time.perf_counter() - t0
+        step.seconds = step.dispatch_s = time.perf_counter() - t0  # the host works through the whole step
         self.stats.append(step)
         self._steps += 1
         return logits
@@ -472,7 +473,7 @@ class ResidentEngine:
         step = StepStats(self._steps, kind, float("nan"), dispatch_s=time.perf_counter() - t0)
         if block:
             logits.block_until_ready()
-            step.seconds = time.perf_counter() - t0
+            step.seconds = step.dispatch_s = time.perf_counter() - t0  # the host works through the whole step
         self.stats.append(step)
         self._steps += 1
         return logits

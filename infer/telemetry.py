@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 
@@ -47,7 +48,9 @@ class StepStats:
         return h / (h + m) if h + m else 1.0
 
     def summary(self) -> dict:
-        return {"step": self.step, "kind": self.kind, "seconds": self.seconds,
+        # None (JSON null), not NaN, for a pipelined step: its end was never waited for
+        seconds = None if math.isnan(self.seconds) else self.seconds
+        return {"step": self.step, "kind": self.kind, "seconds": seconds,
                 "dispatch_s": self.dispatch_s, "hits": int(self.total("hits")),
                 "tail_hits": int(self.total("tail_hits")), "misses": int(self.total("misses")),
                 "bytes": int(self.total("bytes")), "copy_s": self.total("copy_s"), "wait_s": self.total("wait_s"),

@@ -142,7 +142,9 @@ def run(argv: list[str] | None = None) -> int:
     step_stats = [s.summary() for s in result.stats] if args.offload and args.stats else None
     if step_stats is not None:
         for s in step_stats:
-            print(f"[stats] step {s['step']} {s['kind']}: {s['seconds'] * 1e3:.1f} ms, hits {s['hits']}, "
+            took = "pipelined" if s["seconds"] is None else f"{s['seconds'] * 1e3:.1f} ms"
+            print(f"[stats] step {s['step']} {s['kind']}: {took} (enqueue {s['dispatch_s'] * 1e3:.1f} ms), "
+                  f"hits {s['hits']}, "
                   f"tail {s['tail_hits']}, misses {s['misses']}, {s['bytes'] / 1e6:.3f} MB, "
                   f"copy {s['copy_s'] * 1e3:.2f} ms, waited {s['wait_s'] * 1e3:.2f} ms", file=sys.stderr)
     mode_name = args.attention + ("-offload" if args.offload else "")

@@ -45,21 +45,27 @@ def cache_layout(prompt_len: int, max_new_tokens: int, block_size: int) -> tuple
     return padded, _round_up(max(prompt_len + max_new_tokens, padded), 256)
 
 
-def decode_loop(first_token: int, next_token: Callable[[int, int], int], *, max_new_tokens: int,
-                stop_ids: tuple[int, ...], on_token: Callable[[int], None] | None) -> tuple[list[int], str]:
-    """Streams tokens until a stop token or `max_new_tokens`; `next_token(step, token)` runs one decode step.
+def decode_loop(first_token: jax.Array, enqueue_step: Callable[[int, jax.Array], jax.Array], *,
+                max_new_tokens: int, stop_ids: tuple[int, ...],
+                on_token: Callable[[int], None] | None) -> tuple[list[int], str]:
+    """Streams tokens until a stop token or `max_new_tokens`.
 
-    Returns the new tokens (without the stop token) and the stop reason ("eos" or "length")."""
+    `enqueue_step(step, token)` dispatches one decode step from a device-side token [1] and returns the next token
+    without waiting for it. The loop enqueues step t+1 before it reads token t, so the host's work (reading and
+    streaming a token, dispatching the next step) overlaps the GPU's step. When token t is a stop token, the one
+    step already enqueued after it is discarded. Returns the new tokens (without the stop token) and the stop reason
+    ("eos" or "length")."""
     new_ids: list[int] = []
-    token = first_token
+    pending = first_token
     for step in range(max_new_tokens):
+        ahead = enqueue_step(step + 1, pending) if step + 1 < max_new_tokens else None
+        token = int(pending[0])
         if token in stop_ids:
             return new_ids, "eos"
         new_ids.append(token)
         if on_token is not None:
             on_token(token)
-        if step + 1 < max_new_tokens:
-            token = next_token(step + 1, token)
+        pending = ahead
     return new_ids, "length"
 
 
@@ -144,15 +150,16 @@ class Generator:
             t0 = time.perf_counter()
             token, cache = prefill(self._state, tokens, cache, jnp.asarray([len(prompt_ids)], jnp.int32), keys[0],
                                    *scalars)
+            token.block_until_ready()
             prefill_s = time.perf_counter() - t0
 
-            def next_token(step: int, _: int) -> int:
-                nonlocal token, cache
+            def enqueue_step(step: int, token: jax.Array) -> jax.Array:
+                nonlocal cache
                 token, cache = decode(self._state, token, cache, keys[step], *scalars)
-                return int(token[0])
+                return token
 
             t0 = time.perf_counter()
-            new_ids, stop_reason = decode_loop(int(token[0]), next_token, max_new_tokens=max_new_tokens,
+            new_ids, stop_reason = decode_loop(token, enqueue_step, max_new_tokens=max_new_tokens,
                                                stop_ids=stop_ids, on_token=on_token)
             decode_s = time.perf_counter() - t0
         return GenerationResult(list(prompt_ids), new_ids, stop_reason, compile_s, prefill_s, decode_s)
