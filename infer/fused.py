@@ -111,17 +111,22 @@ def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector
     counts = [None] * num_layers
 
     def fill(layer, src, dst):
-        def run(host, s_, d_, a, b):
-            if fill_kernel == "persistent":
-                return fill_slots_persistent(host, *compact_misses(s_, d_), a, b, interpret=interpret)
-            return fill_slots(host, s_, d_, a, b, interpret=interpret)
-
+        src, dst = src.reshape(-1), dst.reshape(-1)
+        if fill_kernel == "persistent":
+            # The compaction stays outside the second-stream region: with it inside, XLA failed to give the region
+            # a stream ("No ExecutionStreamId found for %call-start", H200, jax 0.11.2), where the grid kernel alone
+            # ran on gpu_stream:1 (H100, same jax).
+            args = compact_misses(src, dst)
+            run = functools.partial(fill_slots_persistent, interpret=interpret)
+        else:
+            args = (src, dst)
+            run = functools.partial(fill_slots, interpret=interpret)
         if stream:
             from jax.experimental.compute_on import compute_on
 
             run = compute_on(compute_type="gpu_stream:1",
                              out_memory_spaces=(jax.memory.Space.Device, jax.memory.Space.Device))(run)
-        return run(hosts[layer], src.reshape(-1), dst.reshape(-1), pk[layer], pv[layer])
+        return run(hosts[layer], *args, pk[layer], pv[layer])
 
     def plan(layer, scores):
         nonlocal hook_state
