@@ -293,32 +293,25 @@ def device_replay(stats: dict, num_layers: int, batch: int, kv_heads: int, top_k
 
 def replay_trace(stats: dict, num_layers: int, batch: int, kv_heads: int, top_k: int, local: int, length: int,
                  steps: int, block: int = 64, seed: int = 0, burn_in: int = 32):
-    """The selections `device_replay` would make over `steps` decode steps from context `length` (all sequences
-    equal), computed before any timing: [steps, L, B, KV, k] int32 on the device, for `trace_hook`.
+    """The selections `ReplaySelector` (the host-gather path's replay) makes over `steps` decode steps from context
+    `length` (all sequences equal), drawn on the host before any timing: [steps, L, B, KV, k] int32 on the device,
+    for `trace_hook`. The same statistics as `device_replay`, drawn in numpy: nothing to compile. (Until
+    2026-12-02 the trace came from a jitted all-layer `device_replay` step, compiled anew for every benchmark run;
+    an earlier form of that replay added 52 s to the fused step's GPU compile, H100, 2026-11-23.)
 
     `burn_in` unrecorded steps first fill the replay's history of dropped blocks, as a long decode would have it;
     without them the recorded steps' recurrence would start at zero."""
-    import jax
     import jax.numpy as jnp
 
-    hook, state = device_replay(stats, num_layers, batch, kv_heads, top_k, local, length, block, seed)
+    replay = ReplaySelector(stats, num_layers, batch, kv_heads, top_k, local, block, seed)
 
-    @jax.jit
-    def one_step(state, positions):
-        ids = jnp.zeros((batch, kv_heads, top_k), jnp.int32)
-        out = []
-        for layer in range(num_layers):
-            sel, state = hook(layer, ids, positions, state)
-            out.append(sel)
-        return jnp.stack(out), state
+    def one_step(position: int) -> np.ndarray:
+        positions = np.full(batch, position)
+        return np.stack([replay(layer, None, positions) for layer in range(num_layers)])
 
     for _ in range(burn_in):
-        _, state = one_step(state, jnp.full(batch, length, jnp.int32))
-    trace = []
-    for s in range(steps):
-        sel, state = one_step(state, jnp.full(batch, length + s, jnp.int32))
-        trace.append(sel)
-    return jnp.stack(trace)
+        one_step(length)
+    return jnp.asarray(np.stack([one_step(length + s) for s in range(steps)]))
 
 
 def trace_hook(trace):

@@ -36,9 +36,9 @@ def device_trace(burn_in=BURN_IN):
     return trace
 
 
-def host_trace():
+def host_trace(burn_in=BURN_IN):
     replay = ReplaySelector(STATS, LAYERS, BATCH, KVH, TOP_K, LOCAL)
-    for _ in range(BURN_IN):
+    for _ in range(burn_in):
         [replay(layer, None, np.full(BATCH, START)) for layer in range(LAYERS)]
     return [[replay(layer, None, np.full(BATCH, START + s)) for layer in range(LAYERS)] for s in range(STEPS)]
 
@@ -62,11 +62,11 @@ def test_replay_reproduces_drift_and_keeps_forced_blocks(make_trace):
             assert abs(got["recur"] - given["recur"]) < 0.05, (given, got)
 
 
-def test_trace_hook_plays_the_in_step_replay():
-    """The precomputed trace, played by `trace_hook`, gives at every step the selections the in-step replay made
+def test_trace_hook_plays_the_host_replay():
+    """The precomputed trace, played by `trace_hook`, gives at every step the selections the host replay makes
     (same seed), and wraps around after its last step. Both offload modes plan layers 0, 1, ..., L-1 in order."""
     steps = 6
-    expected = device_trace(burn_in=0)[:steps]
+    expected = host_trace(burn_in=0)[:steps]
     hook, state = trace_hook(replay_trace(STATS, LAYERS, BATCH, KVH, TOP_K, LOCAL, START, steps, burn_in=0))
 
     @jax.jit
