@@ -74,8 +74,8 @@ class Run:
     hit_rate: float = float("nan")
     misses_per_step: float = 0.0
     mb_per_step: float = 0.0
-    copy_s_per_step: float = 0.0
-    wait_s_per_step: float = 0.0
+    copy_s_per_step: float = 0.0  # zero-copy with --profile: fill kernel time (of the profiled steps)
+    wait_s_per_step: float = 0.0  # zero-copy with --profile: fill time with no other kernel running beside it
     pcie_gbps: float = float("nan")
     hidden_fraction: float = float("nan")
     # zero-copy: "" (grid fill kernel, compute stream), "stream" (on gpu_stream:1), "persistent" (persistent fill
@@ -218,8 +218,19 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
     if r.copy_s_per_step > 0 and transfer == "host-gather":
         r.pcie_gbps = r.mb_per_step / 1e3 / r.copy_s_per_step
         r.hidden_fraction = max(0.0, 1 - r.wait_s_per_step / r.copy_s_per_step)
+    if transfer == "zero-copy" and r.profile.get("fill_us_per_step"):
+        traced_mb = sum(s.total("bytes") for s in eng.stats[-PROFILE_STEPS:]) / PROFILE_STEPS / 1e6
+        r.copy_s_per_step, r.wait_s_per_step, r.pcie_gbps, r.hidden_fraction = fill_transfer(r.profile, traced_mb)
     del eng
     return r
+
+
+def fill_transfer(profile: dict, mb_per_step: float) -> tuple[float, float, float, float]:
+    """Zero-copy fills are kernels, so their time, and what ran beside them, is known only from a profile
+    (`infer.trace_summary`). Returns (copy s, exposed s, GB/s while filling, hidden fraction) per step."""
+    fill_s = profile["fill_us_per_step"] / 1e6
+    exposed_s = fill_s - profile["fill_hidden_us_per_step"] / 1e6
+    return fill_s, exposed_s, mb_per_step / 1e3 / fill_s, 1 - exposed_s / fill_s
 
 
 def fill_probe(out: dict) -> None:

@@ -2,8 +2,8 @@
 
 `infer.bench --profile` traces a few steps of each run after timing them and attaches `summarize_trace` of that
 trace to the run. Per GPU stream it reports the busy time (union of its kernels and copies), the time per kernel
-category, the number of kernels, and, over all streams, the idle time and the time two streams ran at once (what a
-second stream hides). Categories come from kernel names (our Pallas kernels are named `sparda_*`).
+category, the number of kernels, and, over all streams, the idle time, the time two streams ran at once (what a
+second stream hides), and how long fill kernels ran and how much of that other kernels ran beside them. Categories come from kernel names (our Pallas kernels are named `sparda_*`).
 
 When the GPU sits idle inside the traced span, the host was the bottleneck: `host_during_idle_us_per_step` names
 the host-side trace events (jax dispatch, XLA runtime thunks, command-buffer updates...) that overlapped those idle
@@ -135,14 +135,15 @@ def summarize_trace(trace: dict, steps: int = 1) -> dict[str, Any]:
         # What there was, to adjust the match by:
         out["device_threads"] = sorted(" ".join(pt) for pt in _device_threads(trace)[0].values())
         return out
-    busy = {}
+    busy, fills, others = {}, [], []
     for name, evs in streams.items():
         intervals = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in evs]
         busy[name] = _union(intervals)
         cats: dict[str, float] = {}
-        for e in evs:
+        for e, iv in zip(evs, intervals):
             cat = category(e["name"])
             cats[cat] = cats.get(cat, 0.0) + float(e.get("dur", 0)) / steps
+            (fills if cat == "fill" else others).append(iv)
         out["streams"][name] = {"kernels_per_step": len(evs) / steps, "busy_us_per_step": _length(busy[name]) / steps,
                                 "category_us_per_step": dict(sorted(cats.items(), key=lambda kv: -kv[1]))}
     everything = _union([iv for ivs in busy.values() for iv in ivs])
@@ -150,6 +151,10 @@ def summarize_trace(trace: dict, steps: int = 1) -> dict[str, Any]:
     names = sorted(busy)
     overlap = _union([iv for i, a in enumerate(names) for b in names[i + 1:]
                       for iv in _intersection(busy[a], busy[b])])
+    # A fill is hidden while other work runs at the same time (only possible from another stream).
+    fill_busy = _union(fills)
+    out.update(fill_us_per_step=_length(fill_busy) / steps,
+               fill_hidden_us_per_step=_length(_intersection(fill_busy, _union(others))) / steps)
     out.update(span_us_per_step=span / steps, busy_us_per_step=_length(everything) / steps,
                idle_us_per_step=(span - _length(everything)) / steps, overlap_us_per_step=_length(overlap) / steps,
                host_during_idle_us_per_step=host_during_idle(trace, everything, steps))

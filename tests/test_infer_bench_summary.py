@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from infer.bench import Run, summarize
+from infer.bench import Run, fill_transfer, summarize
 
 
 def _run(mode, batch, step_s, transfer="", variant="", mb=0.0, slots=0):
@@ -39,6 +39,13 @@ def test_summary_ratios():
     assert "sparda_vs_sparse_offload" not in b8
     # best sparda-offload (k slots, no variant) 8 / 0.016 = 500 tok/s vs best resident sparse 2 / 0.004 = 500 tok/s
     assert best["best_throughput_ratio"] == pytest.approx(1.0) and best["batches_run"] == [2, 8]
+
+
+def test_fill_transfer_from_a_profile():
+    # 100 MB filled in 2 ms, 0.5 ms of it beside other kernels: 50 GB/s, 1.5 ms exposed, a quarter hidden
+    copy_s, exposed_s, gbps, hidden = fill_transfer({"fill_us_per_step": 2000.0, "fill_hidden_us_per_step": 500.0},
+                                                    100.0)
+    assert (copy_s, exposed_s, gbps, hidden) == pytest.approx((2e-3, 1.5e-3, 50.0, 0.25))
 
 
 def test_bench_runs_end_to_end_on_cpu(tmp_path):

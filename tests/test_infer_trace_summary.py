@@ -39,6 +39,8 @@ def test_summary_of_two_streams(tmp_path):
     assert s["busy_us_per_step"] == pytest.approx(20.0)
     assert s["idle_us_per_step"] == pytest.approx(0.0)
     assert s["overlap_us_per_step"] == pytest.approx(5.0)
+    # the fill [5, 25) runs beside compute kernels during [5, 10) and [20, 25)
+    assert (s["fill_us_per_step"], s["fill_hidden_us_per_step"]) == pytest.approx((10.0, 5.0))
     assert s["host_during_idle_us_per_step"] == {}
     plot_timeline({"traceEvents": events}, tmp_path / "timeline.png", "two streams")
     assert (tmp_path / "timeline.png").stat().st_size > 1000
@@ -51,6 +53,7 @@ def test_idle_gaps_and_categories():
     s = summarize_trace({"traceEvents": events})
     assert (s["span_us_per_step"], s["busy_us_per_step"], s["idle_us_per_step"]) == (20.0, 12.0, 8.0)
     assert s["overlap_us_per_step"] == 0.0
+    assert (s["fill_us_per_step"], s["fill_hidden_us_per_step"]) == (0.0, 0.0)
     assert [category(n) for n in ("sparda_fill_slots", "cutlass_80_wmma", "scatter_2", "wrapped_cumsum", "x")] == \
            ["fill", "matmul", "scatter", "reduce", "other"]
 
