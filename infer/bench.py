@@ -79,7 +79,8 @@ class Run:
     pcie_gbps: float = float("nan")
     hidden_fraction: float = float("nan")
     # zero-copy: "" (grid fill kernel, compute stream), "stream" (on gpu_stream:1), "persistent" (persistent fill
-    # kernel), "persistent+stream", "nofetch" (fills skipped; timing only)
+    # kernel), "persistent+stream", "nofetch" (fills skipped; timing only), "table" (block->slot table lookup in
+    # the slot diff; combinable, e.g. "table+persistent")
     variant: str = ""
     first_call_s: float = 0.0  # compile + first step
     # wall seconds of each part of the run (a GPU session's device time goes mostly here, not into timed steps)
@@ -193,7 +194,8 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
         phase("selection replay")
         eng = FusedOffloadEngine(model, sparse, selection_hook=hook, hook_state=hstate, stream="stream" in variant,
                                  fetch=variant != "nofetch",
-                                 fill_kernel="persistent" if "persistent" in variant else "grid", **kw)
+                                 fill_kernel="persistent" if "persistent" in variant else "grid",
+                                 slot_lookup="table" if "table" in variant else "compare", **kw)
     else:
         replay = ReplaySelector(stats, c.num_layers, batch, c.num_kv_heads, sparse.top_k_blocks, sparse.local_blocks)
         eng = OffloadEngine(model, sparse, transfer=transfer, selection_override=replay, gather_threads=12, **kw)
@@ -592,6 +594,8 @@ def main():
                     for tr in transfers:
                         if a.cache4k and b * c.num_kv_heads <= a.cache4k_max_rows:
                             plan.append(("offload", "sparda-offload", b, tr, 4 * a.top_k_blocks, ""))
+                            if tr == "zero-copy":  # the slot diff's two lookups differ most with 4k slots
+                                plan.append(("offload", "sparda-offload", b, tr, 4 * a.top_k_blocks, "table"))
                     if "zero-copy" in transfers:
                         plan += [("offload", "sparda-offload", b, "zero-copy", 0, v) for v in a.variants.split(",") if v]
             if b_res >= 1 and b_res not in [x[2] for x in plan] and not a.skip_resident_max:

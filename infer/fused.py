@@ -49,34 +49,45 @@ from sparda_jax.model import rope_frequencies
 DeviceSelectionHook = Callable[[int, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
-def slot_diff(ids, positions, slot_block, age, clock, *, num_blocks: int, block_size: int):
+def slot_diff(ids, positions, slot_block, age, clock, block_slot=None, *, num_blocks: int, block_size: int):
     """Diff a selection against one layer's slot map, on the device.
 
-    ids [B, KV, k] (-1 = none); positions [B]; slot_block, age [B, KV, P]; clock: this step's stamp.
+    ids [B, KV, k] (-1 = none); positions [B]; slot_block, age [B, KV, P]; clock: this step's stamp. block_slot
+    [B, KV, num_blocks] (slot holding each block, -1 = none), or None: membership then compares the k ids with all
+    P slots ([k, P] per row, three reductions), where with the table it is one gather of k entries (the `table`
+    lookup, meant for pools much larger than k).
     Returns slot_ids, slot_lengths [B, KV, k] for the attention, src (host row or -1) and dst (flat pool slot)
-    [B, KV, k] for the fill, the updated slot_block and age, and counts [3] = (hits, tail hits, misses).
+    [B, KV, k] for the fill, the updated slot_block, age and block_slot, and counts [3] = (hits, tail hits, misses).
     """
     b, kvh, k = ids.shape
     p = slot_block.shape[-1]
     s = block_size
+    bi = jnp.arange(b)[:, None, None]
+    gi = jnp.arange(kvh)[None, :, None]
     cur = (positions // s)[:, None, None]
     valid = ids >= 0
     tail = valid & (ids >= cur - 1)
     need = valid & ~tail
-    eq = (slot_block[:, :, None, :] == ids[:, :, :, None]) & need[..., None]  # [B, KV, k, P]
-    present = eq.any(-1)
-    hit_slot = jnp.argmax(eq, axis=-1).astype(jnp.int32)
-    hit = need & present
-    miss = need & ~present
-    used = eq.any(2)  # [B, KV, P] slots hit now: never victims this step
+    if block_slot is None:
+        eq = (slot_block[:, :, None, :] == ids[:, :, :, None]) & need[..., None]  # [B, KV, k, P]
+        hit = eq.any(-1)
+        hit_slot = jnp.argmax(eq, axis=-1).astype(jnp.int32)
+        used = eq.any(2)  # [B, KV, P] slots hit now: never victims this step
+    else:
+        # The table is a hint: an evicted block's entry is left behind, so a hit also needs the slot to hold it.
+        hit_slot = jnp.take_along_axis(block_slot, jnp.clip(ids, 0, num_blocks - 1), axis=-1)
+        held = jnp.take_along_axis(slot_block, jnp.clip(hit_slot, 0, p - 1), axis=-1)
+        hit = need & (hit_slot >= 0) & (held == ids)
+        used = jnp.zeros((b, kvh, p), bool).at[bi, gi, jnp.where(hit, hit_slot, p)].set(True, mode="drop")
+    miss = need & ~hit
     stamped = jnp.where(used, clock, age)
     order = jnp.argsort(stamped, axis=-1, stable=True).astype(jnp.int32)  # free (-1) first, then least recent
     rank = jnp.cumsum(miss, axis=-1) - 1
     new_slot = jnp.take_along_axis(order, jnp.clip(rank, 0, p - 1), axis=-1)
-    # Evict: the blocks formerly in the victim slots are simply overwritten in slot_block.
-    bi = jnp.arange(b)[:, None, None]
-    gi = jnp.arange(kvh)[None, :, None]
     target = jnp.where(miss, new_slot, p)  # out of range = dropped
+    if block_slot is not None:
+        block_slot = block_slot.at[bi, gi, jnp.where(miss, ids, num_blocks)].set(new_slot, mode="drop")
+    # Evict: the blocks formerly in the victim slots are simply overwritten in slot_block.
     slot_block = slot_block.at[bi, gi, target].set(ids, mode="drop")
     age = stamped.at[bi, gi, target].set(clock, mode="drop")
     slot = jnp.where(miss, new_slot, jnp.where(hit, hit_slot, -1))
@@ -86,9 +97,10 @@ def slot_diff(ids, positions, slot_block, age, clock, *, num_blocks: int, block_
     src = jnp.where(miss, (bi * kvh + gi) * num_blocks + ids, -1).astype(jnp.int32)
     dst = jnp.where(miss, (bi * kvh + gi) * (p + 2) + new_slot, -1).astype(jnp.int32)
     counts = jnp.stack([hit.sum(), tail.sum(), miss.sum()]).astype(jnp.int32)
-    return slot, lengths, src, dst, slot_block, age, counts
+    return slot, lengths, src, dst, slot_block, age, block_slot, counts
 
 
+SLOT_LOOKUPS = ("compare", "table")
 FILL_KERNELS = ("grid", "persistent")
 
 
@@ -106,6 +118,7 @@ def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector
     num_layers = len(model.layers)
     pk, pv, kc = list(state["pool_k"]), list(state["pool_v"]), list(state["kc"])
     sb, age = list(state["slot_block"]), list(state["age"])
+    table = list(state["block_slot"]) if state["block_slot"] is not None else [None] * len(sb)
     hook_state = state["hook"]
     clock = state["clock"] + 1
     counts = [None] * num_layers
@@ -133,8 +146,9 @@ def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector
         ids = decode_select(scores, pos2, num_blocks, sparse)
         if hook is not None:
             ids, hook_state = hook(layer, ids, positions, hook_state)
-        slot, lengths, src, dst, sb[layer], age[layer], counts[layer] = slot_diff(
-            ids, positions, sb[layer], age[layer], clock, num_blocks=num_blocks, block_size=sparse.block_size)
+        slot, lengths, src, dst, sb[layer], age[layer], table[layer], counts[layer] = slot_diff(
+            ids, positions, sb[layer], age[layer], clock, table[layer], num_blocks=num_blocks,
+            block_size=sparse.block_size)
         if fetch:
             pk[layer], pv[layer] = fill(layer, src, dst)
         return slot, lengths
@@ -158,7 +172,8 @@ def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector
         attn = sparse_decode_attention(q[:, :, :, 0], pk[layer], pv[layer], *own)
         x = block.finish(x, attn[:, :, :, None])
     logits = model.logits(x[:, 0])
-    new_state = dict(pool_k=pk, pool_v=pv, kc=kc, slot_block=sb, age=age, hook=hook_state, clock=clock,
+    new_state = dict(pool_k=pk, pool_v=pv, kc=kc, slot_block=sb, age=age,
+                     block_slot=table if state["block_slot"] is not None else None, hook=hook_state, clock=clock,
                      positions=positions + 1)
     return logits, new_state, jnp.stack(counts)
 
@@ -167,17 +182,20 @@ class FusedOffloadEngine(OffloadEngine):
     """`transfer='zero-copy'`: the fused device-resident decode step. Same constructor and API as OffloadEngine.
 
     selection_hook: a `DeviceSelectionHook` (benchmarks; runs inside the jit). stream: put the fills on a second
-    GPU stream (`compute_on('gpu_stream:1')`). fill_kernel: one of FILL_KERNELS. fetch=False skips the fills
-    (timing only: results are wrong).
+    GPU stream (`compute_on('gpu_stream:1')`). fill_kernel: one of FILL_KERNELS. slot_lookup: one of SLOT_LOOKUPS
+    (see `slot_diff`). fetch=False skips the fills (timing only: results are wrong).
     """
 
     def __init__(self, model, sparse: SparseConfig, *, selection_hook: DeviceSelectionHook | None = None,
                  hook_state: Any = None, stream: bool = False, fetch: bool = True, fill_kernel: str = "grid",
-                 **kwargs):
+                 slot_lookup: str = "compare", **kwargs):
         if kwargs.get("selection_override") is not None:
             raise SpardaError("the fused engine takes a device selection_hook, not a host selection_override")
         if fill_kernel not in FILL_KERNELS:
             raise SpardaError(f"unknown fill kernel {fill_kernel!r} (choose from {', '.join(FILL_KERNELS)})")
+        if slot_lookup not in SLOT_LOOKUPS:
+            raise SpardaError(f"unknown slot lookup {slot_lookup!r} (choose from {', '.join(SLOT_LOOKUPS)})")
+        self.slot_lookup = slot_lookup
         kwargs["transfer"] = "zero-copy"
         super().__init__(model, sparse, **kwargs)
         self.on_gpu = jax.default_backend() == "gpu"
@@ -201,6 +219,8 @@ class FusedOffloadEngine(OffloadEngine):
         self.state = dict(pool_k=self.pool_k, pool_v=self.pool_v, kc=self.kc,
                           slot_block=[jnp.full((b, kvh, p), -1, jnp.int32) for _ in layers],
                           age=[jnp.full((b, kvh, p), -1, jnp.int32) for _ in layers],
+                          block_slot=[jnp.full((b, kvh, self.num_blocks), -1, jnp.int32) for _ in layers]
+                          if self.slot_lookup == "table" else None,
                           hook=self._hook_state, clock=jnp.int32(0),
                           positions=jax.device_put(self.lengths.astype(np.int32)))
         self.pool_k = self.pool_v = self.kc = None  # owned by self.state (donated every step)

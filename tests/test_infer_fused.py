@@ -1,12 +1,13 @@
 """The fused device-resident offload step (infer/fused.py, transfer 'zero-copy'): logits equal the resident model
 at every step, and the device slot map's misses equal the host `SlotMap` on the same selections."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from infer.engine import ResidentEngine, make_engine
-from infer.fused import FusedOffloadEngine
+from infer.fused import FusedOffloadEngine, slot_diff
 from infer.slots import SlotMap
 from sparda_jax.config import SparseConfig
 
@@ -20,8 +21,11 @@ def _record(layer, ids, positions, state):
     return ids, tuple(state)
 
 
-@pytest.mark.parametrize("mode,fill_kernel", [("sparse", "grid"), ("sparda", "grid"), ("sparda", "persistent")])
-def test_fused_matches_resident_and_slot_map(tiny_engine_model, mode, fill_kernel):
+@pytest.mark.parametrize("mode,fill_kernel,slot_lookup,cache_slots", [
+    ("sparse", "grid", "compare", 4), ("sparda", "grid", "compare", 4), ("sparda", "persistent", "compare", 4),
+    ("sparda", "grid", "table", 4), ("sparse", "grid", "compare", 8), ("sparse", "grid", "table", 8)])
+def test_fused_matches_resident_and_slot_map(tiny_engine_model, mode, fill_kernel, slot_lookup, cache_slots):
+    """cache_slots 4 = k (the paper's pool: every unused slot is a victim); 8 = an LRU block cache of 2k."""
     lengths = np.array([300, 253])  # two sequences of different lengths
     b, steps = 2, 70  # crosses block boundaries (tail flushes, compressed keys); k slots force evictions
     rng = np.random.default_rng(0)
@@ -30,9 +34,11 @@ def test_fused_matches_resident_and_slot_map(tiny_engine_model, mode, fill_kerne
     hook_state = tuple(jnp.zeros((b, tiny_engine_model.config.num_kv_heads, SPARSE.top_k_blocks), jnp.int32)
                        for _ in range(tiny_engine_model.config.num_layers))
     eng = make_engine(tiny_engine_model, SPARSE, mode + "-offload", batch=b, max_len=1024, prefill_chunk=128,
-                      transfer="zero-copy", selection_hook=_record, hook_state=hook_state, fill_kernel=fill_kernel)
+                      transfer="zero-copy", selection_hook=_record, hook_state=hook_state, fill_kernel=fill_kernel,
+                      slot_lookup=slot_lookup, cache_slots=cache_slots)
     assert isinstance(eng, FusedOffloadEngine)
-    maps = [SlotMap(b, tiny_engine_model.config.num_kv_heads, 1024 // 64, SPARSE.top_k_blocks, 64) for _ in range(tiny_engine_model.config.num_layers)]
+    maps = [SlotMap(b, tiny_engine_model.config.num_kv_heads, 1024 // 64, cache_slots, 64)
+            for _ in range(tiny_engine_model.config.num_layers)]
     with eng:
         np.testing.assert_allclose(eng.prefill(tokens, lengths), ref.prefill(tokens, lengths), rtol=2e-5, atol=2e-5)
         for step in range(steps):
@@ -45,6 +51,8 @@ def test_fused_matches_resident_and_slot_map(tiny_engine_model, mode, fill_kerne
                 plan = m.plan(np.asarray(eng.state["hook"][layer]), positions)
                 assert (got[layer].hits, got[layer].tail_hits, got[layer].misses) == \
                        (plan.hits, plan.tail_hits, plan.misses), f"step {step} layer {layer}"
+                np.testing.assert_array_equal(np.asarray(eng.state["slot_block"][layer]), m.slot_block,
+                                              err_msg=f"slot map, step {step} layer {layer}")
     decode = [s for s in eng.stats if s.kind == "decode"]
     assert sum(s.total("misses") for s in decode[1:]) > 0
     assert sum(s.total("hits") for s in decode) > 0
@@ -75,3 +83,32 @@ def test_pipelined_greedy_decode_matches_blocking_resident(tiny_engine_model):
     decode = [s for s in eng.stats if s.kind == "decode"]
     assert all(np.isnan(s.seconds) and s.dispatch_s > 0 for s in decode)
     assert eng._step._cache_size() == 1  # one compile: see pallas_kernels/__init__.py
+
+
+@pytest.mark.parametrize("slot_lookup,cache_slots", [("compare", 6), ("table", 6), ("compare", 10), ("table", 10)])
+def test_slot_diff_matches_slot_map_under_heavy_eviction(slot_lookup, cache_slots):
+    """Random selections from a few blocks: blocks are evicted and selected again every step. Slots chosen, slot
+    map and counts equal the numpy `SlotMap` (an independent implementation of the same rule) at every step."""
+    b, kvh, k, num_blocks, s = 2, 2, 6, 40, 64
+    positions = np.array([30 * s + 5, 35 * s])  # tails: blocks 29-30 and 34-35
+    rng = np.random.default_rng(3)
+    ref = SlotMap(b, kvh, num_blocks, cache_slots, s)
+    slot_block = jnp.full((b, kvh, cache_slots), -1, jnp.int32)
+    age = jnp.full((b, kvh, cache_slots), -1, jnp.int32)
+    table = jnp.full((b, kvh, num_blocks), -1, jnp.int32) if slot_lookup == "table" else None
+    diff = jax.jit(lambda *a: slot_diff(*a, num_blocks=num_blocks, block_size=s))
+    hits = misses = 0
+    for step in range(40):
+        ids = np.stack([np.stack([rng.choice(16, k, replace=False) for _ in range(kvh)]) for _ in range(b)])
+        ids[0, 0, -1] = 30  # a tail block
+        ids[1, 1, 0] = -1  # an empty entry
+        ids = ids.astype(np.int32)
+        plan = ref.plan(ids, positions)
+        slot, lengths, src, dst, slot_block, age, table, counts = diff(
+            jnp.asarray(ids), jnp.asarray(positions, jnp.int32), slot_block, age, jnp.int32(step + 1), table)
+        np.testing.assert_array_equal(np.asarray(slot), plan.slot_ids, err_msg=f"step {step}")
+        np.testing.assert_array_equal(np.asarray(lengths), plan.slot_lengths, err_msg=f"step {step}")
+        np.testing.assert_array_equal(np.asarray(slot_block), ref.slot_block, err_msg=f"step {step}")
+        assert np.asarray(counts).tolist() == [plan.hits, plan.tail_hits, plan.misses], f"step {step}"
+        hits, misses = hits + plan.hits, misses + plan.misses
+    assert hits > 50 and misses > 50
