@@ -82,6 +82,10 @@ def test_pipelined_greedy_decode_matches_blocking_resident(tiny_engine_model):
     np.testing.assert_array_equal(np.stack([np.asarray(t) for t in got]), np.stack(want))
     decode = [s for s in eng.stats if s.kind == "decode"]
     assert all(np.isnan(s.seconds) and s.dispatch_s > 0 for s in decode)
+    # blocking steps: the enqueue is part of the step, and returns before the step ends
+    blocking = [s for s in ref.stats if s.kind == "decode"]
+    assert all(0 < s.dispatch_s <= s.seconds for s in blocking)
+    assert sum(s.dispatch_s for s in blocking) < sum(s.seconds for s in blocking)
     assert eng._step._cache_size() == 1  # one compile: see pallas_kernels/__init__.py
 
 
