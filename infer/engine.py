@@ -49,15 +49,12 @@ def decode_select(scores, positions, num_blocks, sparse: SparseConfig):
 
 
 def batch_tokens(tokens, batch: int):
-    """One token per sequence: a device array stays on the device (int32 [B]); anything else becomes numpy."""
-    if isinstance(tokens, jax.Array):
-        if tokens.size != batch:
-            raise SpardaError(f"decode takes one token per sequence ({batch}), got shape {tokens.shape}")
-        return tokens.reshape(batch).astype(jnp.int32)
-    tokens = np.asarray(tokens, np.int32)
+    """One token per sequence, int32 [B]: a device array stays on the device; anything else becomes numpy."""
+    if not isinstance(tokens, jax.Array):
+        tokens = np.asarray(tokens, np.int32)
     if tokens.size != batch:
         raise SpardaError(f"decode takes one token per sequence ({batch}), got shape {tokens.shape}")
-    return tokens.reshape(batch)
+    return tokens.reshape(batch).astype(np.int32)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
