@@ -3,7 +3,8 @@
 `infer.bench --profile` traces a few steps of each run after timing them and attaches `summarize_trace` of that
 trace to the run. Per GPU stream it reports the busy time (union of its kernels and copies), the time per kernel
 category, the number of kernels, and, over all streams, the idle time, the time two streams ran at once (what a
-second stream hides), and how long fill kernels ran and how much of that other kernels ran beside them. Categories come from kernel names (our Pallas kernels are named `sparda_*`).
+second stream hides), and how long fill kernels ran and for how much of that other kernels ran beside them.
+Categories come from kernel names (our Pallas kernels are named `sparda_*`).
 
 When the GPU sits idle inside the traced span, the host was the bottleneck: `host_during_idle_us_per_step` names
 the host-side trace events (jax dispatch, XLA runtime thunks, command-buffer updates...) that overlapped those idle
