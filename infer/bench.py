@@ -629,10 +629,10 @@ def main():
                 gc.collect()
                 log(f"{mode:15s} {transfer:11s} {variant:7s} slots {slots:4d} ctx {ctx} B {b:3d}: {r.tok_s:9.1f} tok/s "
                     f"step {r.step_s * 1e3:8.2f} ms (blocking {r.blocking_step_s * 1e3:.2f}, dispatch "
-                    f"{r.dispatch_s * 1e3:.2f}) hit {r.hit_rate:.3f} miss/step "
-                    f"{r.misses_per_step:7.1f} "
-                    f"{r.mb_per_step:7.1f} MB copy {r.copy_s_per_step * 1e3:6.2f} ms wait {r.wait_s_per_step * 1e3:6.2f}"
-                    f" ms hidden {r.hidden_fraction:.2f} ({time.time() - t_run:.0f}s {r.phase_s or ''}) {r.error[:120]}")
+                    f"{r.dispatch_s * 1e3:.2f}) hit {r.hit_rate:.3f} miss/step {r.misses_per_step:7.1f} "
+                    f"{r.mb_per_step:7.1f} MB copy {r.copy_s_per_step * 1e3:6.2f} ms "
+                    f"wait {r.wait_s_per_step * 1e3:6.2f} ms hidden {r.hidden_fraction:.2f} "
+                    f"({time.time() - t_run:.0f}s {r.phase_s or ''}) {r.error[:120]}")
                 save()
             del store
             gc.collect()
