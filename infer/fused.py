@@ -183,21 +183,25 @@ class FusedOffloadEngine(OffloadEngine):
 
     selection_hook: a `DeviceSelectionHook` (benchmarks; runs inside the jit). stream: put the fills on a second
     GPU stream (`compute_on('gpu_stream:1')`). fill_kernel: one of FILL_KERNELS. slot_lookup: one of SLOT_LOOKUPS
-    (see `slot_diff`). fetch=False skips the fills (timing only: results are wrong).
+    (see `slot_diff`) or "auto": the table where the pool holds more than k blocks (H200, 32K B=8, 4k slots:
+    8.27 ms per step against 11.42 with compare), compare at k slots (7.73 vs 7.74 ms at B=1; one table less per
+    layer). fetch=False skips the fills (timing only: results are wrong).
     """
 
     def __init__(self, model, sparse: SparseConfig, *, selection_hook: DeviceSelectionHook | None = None,
                  hook_state: Any = None, stream: bool = False, fetch: bool = True, fill_kernel: str = "grid",
-                 slot_lookup: str = "compare", **kwargs):
+                 slot_lookup: str = "auto", **kwargs):
         if kwargs.get("selection_override") is not None:
             raise SpardaError("the fused engine takes a device selection_hook, not a host selection_override")
         if fill_kernel not in FILL_KERNELS:
             raise SpardaError(f"unknown fill kernel {fill_kernel!r} (choose from {', '.join(FILL_KERNELS)})")
-        if slot_lookup not in SLOT_LOOKUPS:
-            raise SpardaError(f"unknown slot lookup {slot_lookup!r} (choose from {', '.join(SLOT_LOOKUPS)})")
-        self.slot_lookup = slot_lookup
+        if slot_lookup not in (*SLOT_LOOKUPS, "auto"):
+            raise SpardaError(f"unknown slot lookup {slot_lookup!r} (choose from auto, {', '.join(SLOT_LOOKUPS)})")
         kwargs["transfer"] = "zero-copy"
         super().__init__(model, sparse, **kwargs)
+        if slot_lookup == "auto":
+            slot_lookup = "table" if self.cache_slots > sparse.top_k_blocks else "compare"
+        self.slot_lookup = slot_lookup
         self.on_gpu = jax.default_backend() == "gpu"
         self.hosts = host_arrays(self.store)
         graphdef, params = nnx.split(model)

@@ -10,6 +10,7 @@ from infer.engine import ResidentEngine, make_engine
 from infer.fused import FusedOffloadEngine, slot_diff
 from infer.slots import SlotMap
 from sparda_jax.config import SparseConfig
+from sparda_jax.errors import SpardaError
 
 SPARSE = SparseConfig(top_k_blocks=4, local_blocks=1)
 
@@ -116,3 +117,18 @@ def test_slot_diff_matches_slot_map_under_heavy_eviction(slot_lookup, cache_slot
         assert np.asarray(counts).tolist() == [plan.hits, plan.tail_hits, plan.misses], f"step {step}"
         hits, misses = hits + plan.hits, misses + plan.misses
     assert hits > 50 and misses > 50
+
+
+@pytest.mark.parametrize("cache_slots,expected", [(None, "compare"), (SPARSE.top_k_blocks, "compare"),
+                                                  (2 * SPARSE.top_k_blocks, "table")])
+def test_auto_slot_lookup_uses_the_table_only_for_a_pool_larger_than_k(tiny_engine_model, cache_slots, expected):
+    eng = make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=1, max_len=1024, transfer="zero-copy",
+                      cache_slots=cache_slots)
+    with eng:
+        assert eng.slot_lookup == expected
+
+
+def test_unknown_slot_lookup_is_a_clear_error(tiny_engine_model):
+    with pytest.raises(SpardaError, match="unknown slot lookup 'hash'"):
+        make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=1, max_len=1024, transfer="zero-copy",
+                    slot_lookup="hash")
