@@ -9,6 +9,7 @@ Categories come from kernel names (our Pallas kernels are named `sparda_*`).
 When the GPU sits idle inside the traced span, the host was the bottleneck: `host_during_idle_us_per_step` names
 the host-side trace events (jax dispatch, XLA runtime thunks, command-buffer updates...) that overlapped those idle
 gaps, by how long. Nested events each count their own overlap, so the figures do not add up to the idle time.
+`command_buffer` counts XLA's CUDA-graph updates and launches per step, idle or not.
 """
 
 from __future__ import annotations
@@ -114,6 +115,19 @@ def host_during_idle(trace: dict, busy: list[tuple[float, float]], steps: int, t
     return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:top])
 
 
+def command_buffer_activity(trace: dict, steps: int) -> dict[str, dict[str, float]]:
+    """{XLA command-buffer event ("command_buffer::update", "::execute", "::initialize"): its count and host
+    microseconds per step}. XLA re-records a whole CUDA graph (`update`) whenever an allocation it references moved,
+    so about one update per step means some buffer the step touches is new every step."""
+    out: dict[str, dict[str, float]] = {}
+    for e in _host_events(trace):
+        if e["name"].startswith("command_buffer::"):
+            entry = out.setdefault(e["name"], {"per_step": 0.0, "us_per_step": 0.0})
+            entry["per_step"] += 1 / steps
+            entry["us_per_step"] += float(e.get("dur", 0)) / steps
+    return out
+
+
 def device_streams(trace: dict) -> dict[str, list[dict]]:
     """{stream name: its complete events} for every GPU stream in the trace. Device processes are those whose name
     mentions a GPU; within them only threads named like streams carry kernels (others hold per-op or per-module
@@ -158,7 +172,8 @@ def summarize_trace(trace: dict, steps: int = 1) -> dict[str, Any]:
                fill_hidden_us_per_step=_length(_intersection(fill_busy, _union(others))) / steps)
     out.update(span_us_per_step=span / steps, busy_us_per_step=_length(everything) / steps,
                idle_us_per_step=(span - _length(everything)) / steps, overlap_us_per_step=_length(overlap) / steps,
-               host_during_idle_us_per_step=host_during_idle(trace, everything, steps))
+               host_during_idle_us_per_step=host_during_idle(trace, everything, steps),
+               command_buffer=command_buffer_activity(trace, steps))
     return out
 
 

@@ -42,6 +42,7 @@ def test_summary_of_two_streams(tmp_path):
     # the fill [5, 25) runs beside compute kernels during [5, 10) and [20, 25)
     assert (s["fill_us_per_step"], s["fill_hidden_us_per_step"]) == pytest.approx((10.0, 5.0))
     assert s["host_during_idle_us_per_step"] == {}
+    assert s["command_buffer"] == {}
     plot_timeline({"traceEvents": events}, tmp_path / "timeline.png", "two streams")
     assert (tmp_path / "timeline.png").stat().st_size > 1000
 
@@ -83,3 +84,14 @@ def test_no_gpu_events_is_reported_not_raised(tmp_path):
     assert summarize_trace(trace)["error"] == "no GPU stream events in the trace"
     plot_timeline(trace, tmp_path / "t.png")
     assert not (tmp_path / "t.png").exists()
+
+
+def test_command_buffer_updates_are_counted_per_step():
+    gpu, host = 1, 2
+    events = _meta(gpu, 10, "/device:GPU:0", "Stream #1(Compute)") + _meta(host, 20, "/host:CPU", "python")
+    events += [_kernel(gpu, 10, "fusion", 0, 5), _kernel(gpu, 10, "fusion", 50, 5)]
+    events += [_kernel(host, 20, "command_buffer::update", 0, 30), _kernel(host, 20, "command_buffer::execute", 30, 4),
+               _kernel(host, 20, "command_buffer::execute", 60, 6), _kernel(host, 20, "cuGraphLaunch", 61, 5)]
+    s = summarize_trace({"traceEvents": events}, steps=2)
+    assert s["command_buffer"] == {"command_buffer::update": {"per_step": 0.5, "us_per_step": 15.0},
+                                   "command_buffer::execute": {"per_step": 1.0, "us_per_step": 5.0}}
