@@ -498,6 +498,8 @@ def main():
     p.add_argument("--hf-peer", type=int, default=32768, help="HF offloaded-cache peer context (0 = skip)")
     p.add_argument("--hf-only", action="store_true", help="only the HF peer (run it in its own process: JAX "
                    "holds the GPU memory otherwise)")
+    p.add_argument("--modes", default="", help="only these modes' decode runs, comma-separated (default: all; "
+                   "device time goes mostly to compiling each offload run)")
     p.add_argument("--dense", action="store_true", help="also dense attention at batch 1, first context")
     p.add_argument("--quick", action="store_true", help="fewer configurations (fits one 10-minute call)")
     p.add_argument("--transfers", default="zero-copy,host-gather")
@@ -520,6 +522,11 @@ def main():
     if a.merge:
         merge(a.merge, Path(a.out))
         return
+    from infer.engine import ENGINE_MODES
+
+    modes = set(a.modes.split(",")) - {""}
+    if unknown := sorted(modes - set(ENGINE_MODES)):
+        p.error(f"unknown mode(s) {', '.join(unknown)} (choose from {', '.join(ENGINE_MODES)})")
 
     import jax
     import jax.numpy as jnp
@@ -610,6 +617,8 @@ def main():
                 plan.append(("resident", "dense", 1, "", 0, ""))
             if a.quick:
                 plan = [x for x in plan if x[2] in (1, b_off, b_res) or x[2] == batches[-1]]
+            if modes:
+                plan = [x for x in plan if x[1] in modes]
             for kind, mode, b, transfer, slots, variant in plan:
                 if left() < 45:
                     log("budget spent; stopping")

@@ -69,3 +69,17 @@ def test_bench_runs_end_to_end_on_cpu(tmp_path):
     # --profile traced every run; a CPU trace has no GPU streams, which the summary reports
     assert all(r["profile"]["error"] == "no GPU stream events in the trace" for r in runs.values())
     assert result["summary"][0]["bound_from"] == "nofetch" and (tmp_path / "decode_tiny.png").exists()
+
+
+def test_bench_modes_filter_runs_only_those_modes(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    common = [sys.executable, "-m", "infer.bench", "--shapes", "tiny", "--contexts", "2048", "--batches", "1",
+              "--max-batch", "1", "--host-gb", "0.01", "--top-k-blocks", "16", "--local-blocks", "4", "--transfers",
+              "zero-copy", "--variants", "", "--extra-batches", "0", "--steps", "1", "--warmup", "1", "--prefill", "0",
+              "--hf-peer", "0", "--skip-resident-max", "--out", str(tmp_path)]
+    proc = subprocess.run(common + ["--modes", "sparda-offload"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads((tmp_path / "engine_bench_tiny.json").read_text())["runs"]
+    assert [r["mode"] for r in runs] == ["sparda-offload"]
+    bad = subprocess.run(common + ["--modes", "sparda,offload"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "unknown mode(s) offload" in bad.stderr.strip().splitlines()[-1]
