@@ -195,16 +195,41 @@ def _dedupe_graphdefs(splits):
     return out
 
 
+# HBM an auto-sized block cache leaves free, as a fraction of the device's limit: decode activations, the step's
+# temporaries and the allocator's fragmentation.
+CACHE_RESERVE_FRACTION = 0.1
+
+
+def free_device_bytes() -> int | None:
+    """Device memory a block cache may take now (limit - in use - reserve), or None where the device reports none
+    (the CPU backend)."""
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    limit = stats["bytes_limit"]
+    return max(0, int(limit - stats.get("bytes_in_use", 0) - CACHE_RESERVE_FRACTION * limit))
+
+
+def cache_slots_for_memory(config, sparse: SparseConfig, batch: int, num_blocks: int, itemsize: int,
+                           budget_bytes: float) -> int:
+    """The most device slots per (sequence, KV head) whose K and V pools over all layers fit `budget_bytes`, never
+    fewer than top_k (the pool the step needs) nor more than the context's blocks (which hold every block)."""
+    slot_bytes = config.num_layers * batch * config.num_kv_heads * 2 * sparse.block_size * config.head_dim * itemsize
+    return int(min(num_blocks, max(sparse.top_k_blocks, budget_bytes // slot_bytes)))
+
+
 class OffloadEngine:
     """Batched decode with the KV in host memory. `prefill` then `decode` repeatedly; `stats` holds telemetry.
 
     cache_slots: device slots per (sequence, KV head) besides the two tail slots; default top_k (the paper's pool);
-    more slots make an LRU block cache. transfer: 'host-gather' (prefetch thread + staging + device_put) or
-    'zero-copy' (Pallas kernel reading pinned host memory).
+    more slots make an LRU block cache; "auto" sizes it from `cache_memory_gb`, or else from the device memory free
+    now less a reserve (`free_device_bytes`; top_k where the device reports no memory). transfer: 'host-gather'
+    (prefetch thread + staging + device_put) or 'zero-copy' (Pallas kernel reading pinned host memory).
     """
 
     def __init__(self, model: Transformer, sparse: SparseConfig, *, mode: str, batch: int, max_len: int,
-                 cache_slots: int | None = None, transfer: str = "host-gather", host_memory_gb: float | None = None,
+                 cache_slots: int | str | None = None, cache_memory_gb: float | None = None,
+                 transfer: str = "host-gather", host_memory_gb: float | None = None,
                  gather_threads: int = 8, prefill_chunk: int = 1024, staging: str = "auto",
                  selection_override: SelectionOverride | None = None, pin: bool | None = None,
                  store: HostKVStore | None = None):
@@ -220,10 +245,20 @@ class OffloadEngine:
         self.config = c = model.config
         self.sparse, self.mode, self.batch, self.max_len = sparse, mode, batch, max_len
         self.selector = "sparse" if mode == "sparse-offload" else "sparda"
-        self.cache_slots = max(cache_slots or sparse.top_k_blocks, sparse.top_k_blocks)
         self.prefill_chunk = max(bs, prefill_chunk // bs * bs)
         self.dtype = model.dtype
         self.num_blocks = max_len // bs
+        if cache_memory_gb is not None and cache_slots != "auto":
+            raise SpardaError('cache_memory_gb sizes cache_slots="auto" only')
+        if cache_memory_gb is not None and not cache_memory_gb > 0:
+            raise SpardaError(f"cache_memory_gb must be > 0, got {cache_memory_gb}")
+        if cache_slots == "auto":
+            budget = round(cache_memory_gb * 1e9) if cache_memory_gb is not None else free_device_bytes()
+            cache_slots = sparse.top_k_blocks if budget is None else cache_slots_for_memory(
+                c, sparse, batch, self.num_blocks, jnp.dtype(model.dtype).itemsize, budget)
+        elif not (cache_slots is None or isinstance(cache_slots, (int, np.integer)) and cache_slots >= 1):
+            raise SpardaError(f'cache_slots must be a positive number of slots or "auto", got {cache_slots!r}')
+        self.cache_slots = max(cache_slots or sparse.top_k_blocks, sparse.top_k_blocks)
         self.selection_override = selection_override
         # Budget check first: nothing is allocated when the KV cannot fit.
         if store is not None:  # benchmarks: a view of a larger, already filled store

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="with --offload: per-step hits, misses, bytes, copy/wait time "
                    "on stderr (and in --json)")
     p.add_argument("--host-memory-gb", type=float, help="with --offload: host memory budget for the KV store")
+    p.add_argument("--cache-slots", help="with --offload: device slots per sequence and KV head, N >= the top-k "
+                   "blocks (more make an LRU block cache) or 'auto' (as many as free device memory holds)")
     return p
 
 
@@ -71,13 +73,19 @@ def _validate(args) -> SparseConfig:
         raise SpardaError("--forecast only applies to --attention sparda")
     if args.offload and args.attention not in ("sparse", "sparda"):
         raise SpardaError("--offload needs --attention sparse or sparda")
-    if (args.stats or args.host_memory_gb is not None) and not args.offload:
-        raise SpardaError("--stats and --host-memory-gb apply only with --offload")
+    if (args.stats or args.host_memory_gb is not None or args.cache_slots is not None) and not args.offload:
+        raise SpardaError("--stats, --host-memory-gb and --cache-slots apply only with --offload")
+    if args.cache_slots not in (None, "auto") and not (args.cache_slots.isdigit() and int(args.cache_slots) >= 1):
+        raise SpardaError(f"--cache-slots must be a positive number of slots or 'auto', got {args.cache_slots!r}")
     if args.host_memory_gb is not None and not args.host_memory_gb > 0:
         raise SpardaError(f"--host-memory-gb must be > 0, got {args.host_memory_gb}")
     if args.model is not None and not Path(args.model).exists():
         raise SpardaError(f"model path does not exist: {args.model}")
     return SparseConfig(top_k_blocks=args.top_k_blocks, local_blocks=args.local_blocks)
+
+
+def _cache_slots(flag: str | None) -> int | str | None:
+    return flag if flag in (None, "auto") else int(flag)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -133,7 +141,8 @@ def run(argv: list[str] | None = None) -> int:
     if args.offload:
         result = engine_generate(model, sparse, args.attention + "-offload", prompt_ids,
                                  max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-                                 stop_ids=tokenizer.eos_ids, on_token=on_token, host_memory_gb=args.host_memory_gb)
+                                 stop_ids=tokenizer.eos_ids, on_token=on_token, host_memory_gb=args.host_memory_gb,
+                                 cache_slots=_cache_slots(args.cache_slots))
     else:
         result = generator.generate(prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                     seed=args.seed, stop_ids=tokenizer.eos_ids, on_token=on_token)

@@ -24,12 +24,20 @@ def test_offload_matches_resident_sparda(capsys):
     assert got["token_ids"] == ref["token_ids"]
     assert got["offload"] and len(got["stats"]) == 6  # prefill + 5 decode steps
     assert "[stats] step 1 decode" in err and "misses" in err
+    # a block cache (2k slots) changes what moves, never the tokens
+    cached, _ = _run_json(capsys, "--attention", "sparda", "--offload", "--stats", "--cache-slots", "12")
+    assert cached["token_ids"] == ref["token_ids"]
+    misses = [sum(s["misses"] for s in run["stats"][1:]) for run in (got, cached)]
+    assert misses[1] <= misses[0], misses
 
 
 @pytest.mark.parametrize("args,message", [
     (["--attention", "dense", "--offload"], "--offload needs --attention sparse or sparda"),
     (["--attention", "sparse", "--stats"], "only with --offload"),
     (["--attention", "sparse", "--offload", "--host-memory-gb", "0.00001"], "host KV store needs"),
+    (["--attention", "sparse", "--cache-slots", "32"], "only with --offload"),
+    (["--attention", "sparse", "--offload", "--cache-slots", "0"], "--cache-slots must be a positive number"),
+    (["--attention", "sparse", "--offload", "--cache-slots", "many"], "--cache-slots must be a positive number"),
 ])
 def test_offload_errors(args, message):
     proc = subprocess.run([sys.executable, "-m", "sparda_jax.generate", "--prompt", "hi", *args],

@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from infer.engine import OffloadEngine, ResidentEngine, make_engine
+from infer.engine import OffloadEngine, ResidentEngine, cache_slots_for_memory, make_engine
 from infer.slots import SlotMap
 from sparda_jax.config import SparseConfig
 from sparda_jax.errors import SpardaError
@@ -90,3 +90,27 @@ def test_prefetch_exception_reaches_caller_and_threads_join(tiny_engine_model):
     assert not [t for t in threading.enumerate() if t.name.startswith("sparda-")]
     with pytest.raises(SpardaError, match="closed"):
         engine.decode(np.array([1]))
+
+
+def test_cache_slots_for_memory_by_hand(tiny_engine_model):
+    # 3 layers x 2 sequences x 2 KV heads x (K, V) x 64 tokens x head_dim 8 x 4 bytes = 49152 bytes per slot
+    c = tiny_engine_model.config
+    assert cache_slots_for_memory(c, SPARSE, 2, 16, 4, 10 * 49152 + 1) == 10
+    assert cache_slots_for_memory(c, SPARSE, 2, 16, 4, 1e9) == 16  # never more than the context's blocks
+    assert cache_slots_for_memory(c, SPARSE, 2, 16, 4, 0) == SPARSE.top_k_blocks  # the pool the step needs
+
+
+@pytest.mark.parametrize("transfer", ["host-gather", "zero-copy"])
+def test_auto_cache_slots(tiny_engine_model, transfer):
+    def engine(**kw):
+        return make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=2, max_len=1024, transfer=transfer, **kw)
+
+    with engine(cache_slots="auto", cache_memory_gb=10 * 49152 / 1e9) as eng:
+        assert eng.cache_slots == 10 and eng.pool_k[0].shape[2] == 12  # and the two tail slots
+    with engine(cache_slots="auto") as eng:  # the CPU reports no device memory: the paper's k-slot pool
+        assert eng.cache_slots == SPARSE.top_k_blocks
+    for kw, message in [({"cache_slots": "all"}, "cache_slots must be"), ({"cache_slots": 0}, "cache_slots must be"),
+                        ({"cache_slots": 8, "cache_memory_gb": 1.0}, 'sizes cache_slots="auto" only'),
+                        ({"cache_slots": "auto", "cache_memory_gb": -1.0}, "cache_memory_gb must be > 0")]:
+        with pytest.raises(SpardaError, match=message):
+            engine(**kw)
