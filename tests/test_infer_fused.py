@@ -22,12 +22,20 @@ def _record(layer, ids, positions, state):
     return ids, tuple(state)
 
 
-@pytest.mark.parametrize("mode,fill_kernel,slot_lookup,cache_slots", [
-    ("sparse", "grid", "compare", 4), ("sparda", "grid", "compare", 4), ("sparda", "persistent", "compare", 4),
-    ("sparda", "grid", "table", 4), ("sparse", "grid", "compare", 8), ("sparse", "grid", "table", 8)])
-def test_fused_matches_resident_and_slot_map(tiny_engine_model, mode, fill_kernel, slot_lookup, cache_slots):
-    """cache_slots 4 = k (the paper's pool: every unused slot is a victim); 8 = an LRU block cache of 2k."""
-    lengths = np.array([300, 253])  # two sequences of different lengths
+UNEVEN, ON_BOUNDARY = (300, 253), (320, 256)
+
+
+@pytest.mark.parametrize("mode,fill_kernel,slot_lookup,cache_slots,prompt_lengths", [
+    ("sparse", "grid", "compare", 4, UNEVEN), ("sparda", "grid", "compare", 4, UNEVEN),
+    ("sparda", "persistent", "compare", 4, UNEVEN), ("sparda", "grid", "table", 4, UNEVEN),
+    ("sparse", "grid", "compare", 8, UNEVEN), ("sparse", "grid", "table", 8, UNEVEN),
+    ("sparda", "grid", "compare", 4, ON_BOUNDARY)])
+def test_fused_matches_resident_and_slot_map(tiny_engine_model, mode, fill_kernel, slot_lookup, cache_slots,
+                                             prompt_lengths):
+    """cache_slots 4 = k (the paper's pool: every unused slot is a victim); 8 = an LRU block cache of 2k.
+    ON_BOUNDARY: prompts that end on a block boundary (the first tail flush must skip the block the prefill
+    stored)."""
+    lengths = np.array(prompt_lengths)  # two sequences of different lengths
     b, steps = 2, 70  # crosses block boundaries (tail flushes, compressed keys); k slots force evictions
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, tiny_engine_model.config.vocab_size, (b, 320)).astype(np.int32)
