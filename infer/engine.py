@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer.fixed_buffers import copy_out, load_into
 from infer.host_store import HostKVStore
 from infer.slots import Plan, SlotMap
 from infer.telemetry import LayerStats, StepStats
@@ -485,36 +484,24 @@ class ResidentEngine:
             model = nnx.merge(graphdef, jax.tree.unflatten(params_tree, params))
             return model(tokens, cache, mode=mode, sparse=sparse, lengths=lengths)
 
-        # Decode reads its tokens from, and writes its logits into, buffers at fixed addresses (infer.fixed_buffers).
-        def step(params, cache, tokens, logits):
-            new_logits, cache = run(params, tokens[:, None], cache, None)
-            return cache, new_logits.astype(logits.dtype)
-
         self._run = jax.jit(run, donate_argnums=(2,))
-        self._step = jax.jit(step, donate_argnums=(1, 3))
-        self._tokens = jnp.zeros(batch, jnp.int32)
-        self._logits = jnp.zeros((batch, model.config.vocab_size), jnp.float32)
         self.stats: list[StepStats] = []
         self._steps = 0
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> jax.Array:
         tokens = np.asarray(tokens, np.int32)
         lengths = np.full(tokens.shape[0], tokens.shape[1]) if lengths is None else np.asarray(lengths)
-        t0 = time.perf_counter()
-        logits, self.cache = self._run(self._params, jax.device_put(tokens), self.cache,
-                                       jax.device_put(lengths.astype(np.int32)))
-        return self._record("prefill", t0, logits, True)
+        return self._timed("prefill", tokens, lengths.astype(np.int32))
 
     def decode(self, tokens, *, block: bool = True) -> jax.Array:
         """block=False returns at once (the step runs asynchronously): feed the next step device-side tokens and
         the host's dispatch overlaps the GPU's step."""
-        t0 = time.perf_counter()
-        self._tokens = load_into(self._tokens, batch_tokens(tokens, self.batch))
-        self.cache, self._logits = self._step(self._params, self.cache, self._tokens, self._logits)
-        (logits,) = copy_out(self._logits)
-        return self._record("decode", t0, logits, block)
+        return self._timed("decode", batch_tokens(tokens, self.batch)[:, None], None, block)
 
-    def _record(self, kind, t0, logits, block):
+    def _timed(self, kind, tokens, lengths, block=True):
+        t0 = time.perf_counter()
+        logits, self.cache = self._run(self._params, jax.device_put(tokens), self.cache,
+                                       None if lengths is None else jax.device_put(lengths))
         step = StepStats(self._steps, kind, float("nan"), dispatch_s=time.perf_counter() - t0)
         if block:
             logits.block_until_ready()

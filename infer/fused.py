@@ -37,7 +37,6 @@ import numpy as np
 from flax import nnx
 
 from infer.engine import OffloadEngine, append_token, decode_select, tail_rows
-from infer.fixed_buffers import copy_out, load_into
 from infer.telemetry import StepStats
 from infer.zero_copy import compact_misses, fill_slots, fill_slots_persistent, host_arrays
 from pallas_kernels.sparse_decode import sparse_decode_attention
@@ -105,7 +104,7 @@ SLOT_LOOKUPS = ("compare", "table")
 FILL_KERNELS = ("grid", "persistent")
 
 
-def _fused_step(graphdef, params_tree, params, state, hosts, *, selector: str,
+def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector: str,
                 sparse: SparseConfig, num_blocks: int, interpret: bool, stream: bool, fetch: bool, fill_kernel: str,
                 hook: DeviceSelectionHook | None):
     model = nnx.merge(graphdef, jax.tree.unflatten(params_tree, params))
@@ -154,7 +153,7 @@ def _fused_step(graphdef, params_tree, params, state, hosts, *, selector: str,
             pk[layer], pv[layer] = fill(layer, src, dst)
         return slot, lengths
 
-    x = model.embed[...][state["tokens"][:, None]]
+    x = model.embed[...][tokens[:, None]]
     pending = None
     for layer, block in enumerate(model.layers):
         h, q, k, v = block.attention_inputs(x, pos2, inv_freq)
@@ -172,11 +171,11 @@ def _fused_step(graphdef, params_tree, params, state, hosts, *, selector: str,
                                                        pk[layer].shape[2] - 2, sparse)
         attn = sparse_decode_attention(q[:, :, :, 0], pk[layer], pv[layer], *own)
         x = block.finish(x, attn[:, :, :, None])
-    logits = model.logits(x[:, 0]).astype(state["logits"].dtype)
-    # tokens, logits and counts go through the state too: see infer.fixed_buffers.
-    return dict(pool_k=pk, pool_v=pv, kc=kc, slot_block=sb, age=age,
-                block_slot=table if state["block_slot"] is not None else None, hook=hook_state, clock=clock,
-                positions=positions + 1, tokens=state["tokens"], logits=logits, counts=jnp.stack(counts))
+    logits = model.logits(x[:, 0])
+    new_state = dict(pool_k=pk, pool_v=pv, kc=kc, slot_block=sb, age=age,
+                     block_slot=table if state["block_slot"] is not None else None, hook=hook_state, clock=clock,
+                     positions=positions + 1)
+    return logits, new_state, jnp.stack(counts)
 
 
 class FusedOffloadEngine(OffloadEngine):
@@ -227,9 +226,7 @@ class FusedOffloadEngine(OffloadEngine):
                           block_slot=[jnp.full((b, kvh, self.num_blocks), -1, jnp.int32) for _ in layers]
                           if self.slot_lookup == "table" else None,
                           hook=self._hook_state, clock=jnp.int32(0),
-                          positions=jax.device_put(self.lengths.astype(np.int32)),
-                          tokens=jnp.zeros(b, jnp.int32), logits=jnp.zeros((b, self.config.vocab_size), jnp.float32),
-                          counts=jnp.zeros((self.config.num_layers, 3), jnp.int32))
+                          positions=jax.device_put(self.lengths.astype(np.int32)))
         self.pool_k = self.pool_v = self.kc = None  # owned by self.state (donated every step)
         self._stored_lengths = self.lengths.copy()  # tokens already in the host store (prefill / synthetic fill)
         if not self.on_gpu:
@@ -279,9 +276,7 @@ class FusedOffloadEngine(OffloadEngine):
             raise SpardaError("prefill (or fill_synthetic) first")
         t0 = time.perf_counter()
         self._flush_due(positions)
-        self.state["tokens"] = load_into(self.state["tokens"], tokens)
-        self.state = self._step(self._params, self.state, tuple(self.hosts))
-        logits, counts = copy_out(self.state["logits"], self.state["counts"])
+        logits, self.state, counts = self._step(self._params, self.state, jax.device_put(tokens), tuple(self.hosts))
         self.lengths = positions + 1
         step = StepStats(self._steps, "decode", float("nan"), dispatch_s=time.perf_counter() - t0)
         if block:
