@@ -5,8 +5,9 @@ slot map `slot_block` [B, KV, P] (block held by each slot, -1 = free), the LRU a
 use, -1 = free) and the compressed keys; the state also holds each sequence's position. One `jax.jit` per decode
 step runs all layers (a Python `for` inside the jit; the device state is donated). `decode(tokens, block=False)`
 returns before the step runs: fed device-side tokens, the host enqueues step t+1 while the GPU runs step t (the
-enqueue, mostly CUDA-graph launch, took 4.5 ms a step at 32K B=1 on the H200; a blocking loop leaves the GPU idle
-for all of it). Per layer:
+enqueue took 4.4 ms a step at 32K B=1 on the H200, 2.6 ms of it XLA re-recording the step's 1313-command CUDA
+graph, as 2-3 of the buffers it touches move every step (bench_results/engine/h200_2026-12-02_graph_updates); a
+blocking loop leaves the GPU idle for all of it). Per layer:
 
   selection (the model's own functions) -> diff against the slot map on the device (membership of the k selected ids
   among the P slots) -> misses take victim slots (slots not used this step, free first, then least recently used:
