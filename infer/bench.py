@@ -311,7 +311,8 @@ def prefill_run(model, sparse, shape, mode, ctx):
 
 
 def transfer_probe(out: dict) -> None:
-    """Raw H2D paths of host-gather: staging device_put (jax pinned_host vs torch pinned via DLPack), threaded gather."""
+    """Raw H2D paths of host-gather: staging device_put (jax pinned_host vs torch pinned via DLPack), threaded
+    gather."""
     import jax.numpy as jnp
 
     from infer.host_store import HostKVStore
@@ -424,7 +425,8 @@ def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
             # The largest-batch goal when each mode's largest feasible batch was among the runs.
             out.append(dict(shape=shape, context=ctx, best_throughput_ratio=tops["sparda-offload"] / tops["sparse"],
                             sparda_offload_best_tok_s=tops["sparda-offload"], sparse_resident_best_tok_s=tops["sparse"],
-                            batches_run=sorted({r["batch"] for r in runs if (r["shape"], r["context"]) == (shape, ctx)})))
+                            batches_run=sorted({r["batch"] for r in runs
+                                                if (r["shape"], r["context"]) == (shape, ctx)})))
     return out
 
 
@@ -610,7 +612,8 @@ def main():
                             plan.append(("offload", "sparda-offload", b, tr, 4 * a.top_k_blocks,
                                          "table" if tr == "zero-copy" else ""))
                     if "zero-copy" in transfers:
-                        plan += [("offload", "sparda-offload", b, "zero-copy", 0, v) for v in a.variants.split(",") if v]
+                        plan += [("offload", "sparda-offload", b, "zero-copy", 0, v)
+                                 for v in a.variants.split(",") if v]
             if b_res >= 1 and b_res not in [x[2] for x in plan] and not a.skip_resident_max:
                 plan += [("resident", "sparse", b_res, "", 0, ""), ("resident", "sparda", b_res, "", 0, "")]
             if ctx == contexts[0] and a.dense:
