@@ -103,6 +103,10 @@ def slot_diff(ids, positions, slot_block, age, clock, block_slot=None, *, num_bl
 
 SLOT_LOOKUPS = ("compare", "table")
 FILL_KERNELS = ("grid", "persistent")
+# XLA's order for the commands of the step's CUDA graph (`xla_gpu_command_buffer_scheduling_mode`): "LHS" (XLA's
+# default) follows the schedule on one stream; "CONCURRENT" links commands only where their buffers conflict, so
+# layer l+1's fills (they write only layer l+1's pool) may run beside layer l's attention and MLP.
+GRAPH_SCHEDULING = ("LHS", "CONCURRENT")
 
 
 def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector: str,
@@ -186,18 +190,22 @@ class FusedOffloadEngine(OffloadEngine):
     GPU stream (`compute_on('gpu_stream:1')`). fill_kernel: one of FILL_KERNELS. slot_lookup: one of SLOT_LOOKUPS
     (see `slot_diff`) or "auto": the table where the pool holds more than k blocks (H200, 32K B=8, 4k slots:
     8.27 ms per step against 11.42 with compare), compare at k slots (7.73 vs 7.74 ms at B=1; one table less per
-    layer). fetch=False skips the fills (timing only: results are wrong).
+    layer). graph_scheduling: one of GRAPH_SCHEDULING (GPU only). fetch=False skips the fills (timing only:
+    results are wrong).
     """
 
     def __init__(self, model, sparse: SparseConfig, *, selection_hook: DeviceSelectionHook | None = None,
                  hook_state: Any = None, stream: bool = False, fetch: bool = True, fill_kernel: str = "grid",
-                 slot_lookup: str = "auto", **kwargs):
+                 slot_lookup: str = "auto", graph_scheduling: str = "LHS", **kwargs):
         if kwargs.get("selection_override") is not None:
             raise SpardaError("the fused engine takes a device selection_hook, not a host selection_override")
         if fill_kernel not in FILL_KERNELS:
             raise SpardaError(f"unknown fill kernel {fill_kernel!r} (choose from {', '.join(FILL_KERNELS)})")
         if slot_lookup not in (*SLOT_LOOKUPS, "auto"):
             raise SpardaError(f"unknown slot lookup {slot_lookup!r} (choose from auto, {', '.join(SLOT_LOOKUPS)})")
+        if graph_scheduling not in GRAPH_SCHEDULING:
+            raise SpardaError(f"unknown graph scheduling {graph_scheduling!r} (choose from "
+                              f"{', '.join(GRAPH_SCHEDULING)})")
         kwargs["transfer"] = "zero-copy"
         super().__init__(model, sparse, **kwargs)
         if slot_lookup == "auto":
@@ -208,7 +216,9 @@ class FusedOffloadEngine(OffloadEngine):
         graphdef, params = nnx.split(model)
         # Flattened once: an nnx.State is flattened in Python, Variable by Variable, on every call otherwise.
         self._params, params_tree = jax.tree.flatten(params)
-        opts = {"xla_gpu_experimental_stream_annotation": True} if stream else None
+        opts = {"xla_gpu_command_buffer_scheduling_mode": graph_scheduling}
+        if stream:
+            opts["xla_gpu_experimental_stream_annotation"] = True
         step = functools.partial(_fused_step, graphdef, params_tree, selector=self.selector, sparse=sparse,
                                  num_blocks=self.num_blocks, interpret=not self.on_gpu, stream=stream, fetch=fetch,
                                  fill_kernel=fill_kernel, hook=selection_hook)

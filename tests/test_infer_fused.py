@@ -140,3 +140,9 @@ def test_unknown_slot_lookup_is_a_clear_error(tiny_engine_model):
     with pytest.raises(SpardaError, match="unknown slot lookup 'hash'"):
         make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=1, max_len=1024, transfer="zero-copy",
                     slot_lookup="hash")
+
+
+def test_unknown_graph_scheduling_is_a_clear_error(tiny_engine_model):
+    with pytest.raises(SpardaError, match="unknown graph scheduling 'random'"):
+        make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=1, max_len=1024, transfer="zero-copy",
+                    graph_scheduling="random")
