@@ -104,8 +104,9 @@ def slot_diff(ids, positions, slot_block, age, clock, block_slot=None, *, num_bl
 SLOT_LOOKUPS = ("compare", "table")
 FILL_KERNELS = ("grid", "persistent")
 # XLA's order for the commands of the step's CUDA graph (`xla_gpu_command_buffer_scheduling_mode`): "LHS" (XLA's
-# default) follows the schedule on one stream; "CONCURRENT" links commands only where their buffers conflict, so
-# layer l+1's fills (they write only layer l+1's pool) may run beside layer l's attention and MLP.
+# default) follows the schedule on one stream; "CONCURRENT" links commands only where their buffers conflict, meant
+# to let layer l+1's fills (they write only layer l+1's pool) run beside layer l's attention and MLP. Measured
+# (H200, 32K B=8, k slots): the same 11.21 ms step, every kernel still on one stream, fills not hidden.
 GRAPH_SCHEDULING = ("LHS", "CONCURRENT")
 
 
