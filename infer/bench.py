@@ -201,7 +201,7 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
                                  fetch=variant != "nofetch",
                                  fill_kernel="persistent" if "persistent" in variant else "grid",
                                  slot_lookup="table" if "table" in variant else "compare",
-                                 graph_scheduling="CONCURRENT" if "concurrent" in variant else "LHS", **kw)
+                                 graph_scheduling="CONCURRENT" if "concurrent" in variant else None, **kw)
     else:
         replay = ReplaySelector(stats, c.num_layers, batch, c.num_kv_heads, sparse.top_k_blocks, sparse.local_blocks)
         eng = OffloadEngine(model, sparse, transfer=transfer, selection_override=replay, gather_threads=12, **kw)

@@ -105,8 +105,8 @@ SLOT_LOOKUPS = ("compare", "table")
 FILL_KERNELS = ("grid", "persistent")
 # XLA's order for the commands of the step's CUDA graph (`xla_gpu_command_buffer_scheduling_mode`): "LHS" (XLA's
 # default) follows the schedule on one stream; "CONCURRENT" links commands only where their buffers conflict, meant
-# to let layer l+1's fills (they write only layer l+1's pool) run beside layer l's attention and MLP. Measured
-# (H200, 32K B=8, k slots): the same 11.21 ms step, every kernel still on one stream, fills not hidden.
+# to let layer l+1's fills (they write only layer l+1's pool) run beside layer l's attention and MLP. Not yet
+# measured on a GPU.
 GRAPH_SCHEDULING = ("LHS", "CONCURRENT")
 
 
@@ -191,20 +191,21 @@ class FusedOffloadEngine(OffloadEngine):
     GPU stream (`compute_on('gpu_stream:1')`). fill_kernel: one of FILL_KERNELS. slot_lookup: one of SLOT_LOOKUPS
     (see `slot_diff`) or "auto": the table where the pool holds more than k blocks (H200, 32K B=8, 4k slots:
     8.27 ms per step against 11.42 with compare), compare at k slots (7.73 vs 7.74 ms at B=1; one table less per
-    layer). graph_scheduling: one of GRAPH_SCHEDULING (GPU only). fetch=False skips the fills (timing only:
-    results are wrong).
+    layer). graph_scheduling: one of GRAPH_SCHEDULING (GPU only), or None for XLA's own setting (XLA_FLAGS or its
+    default): a per-jit option would override XLA_FLAGS. fetch=False skips the fills (timing only: results are
+    wrong).
     """
 
     def __init__(self, model, sparse: SparseConfig, *, selection_hook: DeviceSelectionHook | None = None,
                  hook_state: Any = None, stream: bool = False, fetch: bool = True, fill_kernel: str = "grid",
-                 slot_lookup: str = "auto", graph_scheduling: str = "LHS", **kwargs):
+                 slot_lookup: str = "auto", graph_scheduling: str | None = None, **kwargs):
         if kwargs.get("selection_override") is not None:
             raise SpardaError("the fused engine takes a device selection_hook, not a host selection_override")
         if fill_kernel not in FILL_KERNELS:
             raise SpardaError(f"unknown fill kernel {fill_kernel!r} (choose from {', '.join(FILL_KERNELS)})")
         if slot_lookup not in (*SLOT_LOOKUPS, "auto"):
             raise SpardaError(f"unknown slot lookup {slot_lookup!r} (choose from auto, {', '.join(SLOT_LOOKUPS)})")
-        if graph_scheduling not in GRAPH_SCHEDULING:
+        if graph_scheduling not in (None, *GRAPH_SCHEDULING):
             raise SpardaError(f"unknown graph scheduling {graph_scheduling!r} (choose from "
                               f"{', '.join(GRAPH_SCHEDULING)})")
         kwargs["transfer"] = "zero-copy"
@@ -217,13 +218,15 @@ class FusedOffloadEngine(OffloadEngine):
         graphdef, params = nnx.split(model)
         # Flattened once: an nnx.State is flattened in Python, Variable by Variable, on every call otherwise.
         self._params, params_tree = jax.tree.flatten(params)
-        opts = {"xla_gpu_command_buffer_scheduling_mode": graph_scheduling}
+        opts = {}
+        if graph_scheduling is not None:
+            opts["xla_gpu_command_buffer_scheduling_mode"] = graph_scheduling
         if stream:
             opts["xla_gpu_experimental_stream_annotation"] = True
         step = functools.partial(_fused_step, graphdef, params_tree, selector=self.selector, sparse=sparse,
                                  num_blocks=self.num_blocks, interpret=not self.on_gpu, stream=stream, fetch=fetch,
                                  fill_kernel=fill_kernel, hook=selection_hook)
-        self._step = jax.jit(step, donate_argnums=(1,), compiler_options=opts)
+        self._step = jax.jit(step, donate_argnums=(1,), compiler_options=opts or None)
         self._hook_state = hook_state
         self.state = None
         self.row_bytes = self.store.row_elems * self.store.dtype.itemsize

@@ -146,3 +146,19 @@ def test_unknown_graph_scheduling_is_a_clear_error(tiny_engine_model):
     with pytest.raises(SpardaError, match="unknown graph scheduling 'random'"):
         make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=1, max_len=1024, transfer="zero-copy",
                     graph_scheduling="random")
+
+
+@pytest.mark.parametrize("graph_scheduling,expected", [(None, None), ("CONCURRENT", "CONCURRENT")])
+def test_graph_scheduling_reaches_the_step_only_when_given(tiny_engine_model, monkeypatch, graph_scheduling,
+                                                           expected):
+    """A per-jit compiler option overrides XLA_FLAGS, so by default the step must not pass one."""
+    real_jit, seen = jax.jit, []
+
+    def spy(fun, **kwargs):
+        seen.append(kwargs.get("compiler_options") or {})
+        return real_jit(fun, **kwargs)
+
+    monkeypatch.setattr(jax, "jit", spy)
+    make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=1, max_len=1024, transfer="zero-copy",
+                graph_scheduling=graph_scheduling)
+    assert [o.get("xla_gpu_command_buffer_scheduling_mode") for o in seen] == [expected]
