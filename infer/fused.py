@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer.engine import OffloadEngine, append_token, decode_select, tail_rows
+from infer.engine import OffloadEngine, append_token, committed, decode_select, tail_rows
 from infer.telemetry import StepStats
 from infer.zero_copy import compact_misses, fill_slots, fill_slots_persistent, host_arrays
 from pallas_kernels.sparse_decode import sparse_decode_attention
@@ -217,7 +217,8 @@ class FusedOffloadEngine(OffloadEngine):
         self.hosts = host_arrays(self.store)
         graphdef, params = nnx.split(model)
         # Flattened once: an nnx.State is flattened in Python, Variable by Variable, on every call otherwise.
-        self._params, params_tree = jax.tree.flatten(params)
+        params, params_tree = jax.tree.flatten(params)
+        self._params = committed(params)
         opts = {}
         if graph_scheduling is not None:
             opts["xla_gpu_command_buffer_scheduling_mode"] = graph_scheduling
@@ -235,13 +236,13 @@ class FusedOffloadEngine(OffloadEngine):
     def _pack(self) -> None:
         b, kvh, p = self.batch, self.config.num_kv_heads, self.cache_slots
         layers = range(self.config.num_layers)
-        self.state = dict(pool_k=self.pool_k, pool_v=self.pool_v, kc=self.kc,
+        self.state = committed(dict(pool_k=self.pool_k, pool_v=self.pool_v, kc=self.kc,
                           slot_block=[jnp.full((b, kvh, p), -1, jnp.int32) for _ in layers],
                           age=[jnp.full((b, kvh, p), -1, jnp.int32) for _ in layers],
                           block_slot=[jnp.full((b, kvh, self.num_blocks), -1, jnp.int32) for _ in layers]
                           if self.slot_lookup == "table" else None,
                           hook=self._hook_state, clock=jnp.int32(0),
-                          positions=jax.device_put(self.lengths.astype(np.int32)))
+                          positions=self.lengths.astype(np.int32)))
         self.pool_k = self.pool_v = self.kc = None  # owned by self.state (donated every step)
         self._stored_lengths = self.lengths.copy()  # tokens already in the host store (prefill / synthetic fill)
         if not self.on_gpu:
@@ -291,7 +292,7 @@ class FusedOffloadEngine(OffloadEngine):
             raise SpardaError("prefill (or fill_synthetic) first")
         t0 = time.perf_counter()
         self._flush_due(positions)
-        logits, self.state, counts = self._step(self._params, self.state, jax.device_put(tokens), tuple(self.hosts))
+        logits, self.state, counts = self._step(self._params, self.state, committed(tokens), tuple(self.hosts))
         self.lengths = positions + 1
         step = StepStats(self._steps, "decode", float("nan"), dispatch_s=time.perf_counter() - t0)
         if block:

@@ -114,3 +114,28 @@ def test_auto_cache_slots(tiny_engine_model, transfer):
                         ({"cache_slots": "auto", "cache_memory_gb": -1.0}, "cache_memory_gb must be > 0")]:
         with pytest.raises(SpardaError, match=message):
             engine(**kw)
+
+
+STEP_FUNCTIONS = {"run", "_front", "_back", "_embed", "_logits", "_scatter", "_fused_step"}
+
+
+@pytest.mark.parametrize("mode,transfer", [("sparda", None), ("sparda-offload", "host-gather"),
+                                           ("sparda-offload", "zero-copy")])
+def test_decode_compiles_once_whatever_the_tokens(tiny_engine_model, caplog, mode, transfer):
+    """jit keys its cache on each argument's commitment: the step must not compile again when the tokens switch
+    from numpy to a committed device array (a sampler's output) or back."""
+    import jax
+    import jax.numpy as jnp
+
+    tokens = np.random.default_rng(0).integers(0, tiny_engine_model.config.vocab_size, (2, 320)).astype(np.int32)
+    kwargs = {} if transfer is None else dict(transfer=transfer, prefill_chunk=128)
+    with make_engine(tiny_engine_model, SPARSE, mode, batch=2, max_len=1024, **kwargs) as eng:
+        eng.prefill(tokens, np.array([300, 253]))
+        eng.decode(np.ones(2, np.int32))
+        with jax.log_compiles(), caplog.at_level("WARNING"):
+            eng.decode(np.ones(2, np.int32))
+            eng.decode(jax.device_put(jnp.ones(2, jnp.int32), jax.devices()[0]), block=False)
+            eng.decode(jnp.ones(2, jnp.int32), block=False).block_until_ready()
+            eng.decode([1, 1])
+    compiled = {m.split("(")[1].split(")")[0] for m in caplog.messages if m.startswith("Compiling jit(")}
+    assert not compiled & STEP_FUNCTIONS, sorted(compiled)
