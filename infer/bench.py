@@ -385,7 +385,8 @@ def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
     step / max(GPU-only step, missed bytes / pcie_gbps), with the GPU-only step taken from the resident sparda run at
     the same batch when it fits, else from the `nofetch` variant (same program, fills skipped); bound_term says which
     of the two is larger. exposed_copy_ms:
-    step - nofetch step.
+    step - nofetch step. cache_vs_sparse_offload: the fastest sparda-offload run with a block cache (more slots than
+    k, any lookup) against sparse-offload, its slots in cache_slots.
     """
     runs = [r for r in result["runs"] if not r["error"] and not r["mode"].startswith("prefill")]
 
@@ -408,6 +409,12 @@ def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
             res = find(shape, ctx, b, "sparda")
             if sd and ss:
                 row["sparda_vs_sparse_offload"] = sd["tok_s"] / ss["tok_s"]
+            cached = [r for r in runs if (r["shape"], r["context"], r["batch"], r["mode"], r["transfer"]) ==
+                      (shape, ctx, b, "sparda-offload", "zero-copy") and r["cache_slots"] > k]
+            if cached and ss:
+                fastest = max(cached, key=lambda r: r["tok_s"])
+                row["cache_vs_sparse_offload"] = fastest["tok_s"] / ss["tok_s"]
+                row["cache_slots"] = fastest["cache_slots"]
             if sd:
                 gpu = res["step_s"] if res else (nf["step_s"] if nf else None)
                 if gpu:

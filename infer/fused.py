@@ -105,8 +105,8 @@ SLOT_LOOKUPS = ("compare", "table")
 FILL_KERNELS = ("grid", "persistent")
 # XLA's order for the commands of the step's CUDA graph (`xla_gpu_command_buffer_scheduling_mode`): "LHS" (XLA's
 # default) follows the schedule on one stream; "CONCURRENT" links commands only where their buffers conflict, meant
-# to let layer l+1's fills (they write only layer l+1's pool) run beside layer l's attention and MLP. Not yet
-# measured on a GPU.
+# to let layer l+1's fills (they write only layer l+1's pool) run beside layer l's attention and MLP. Measured (H200,
+# 32K B=8): it overlaps 6.4 ms a step but the enqueue grows to 14 ms, 537 against 700 tok/s with LHS.
 GRAPH_SCHEDULING = ("LHS", "CONCURRENT")
 
 

@@ -177,8 +177,14 @@ def summarize_trace(trace: dict, steps: int = 1) -> dict[str, Any]:
     return out
 
 
-def plot_timeline(trace: dict, path: str | Path, title: str = "") -> None:
-    """One lane per GPU stream, kernels coloured by category."""
+# Beyond this many streams (XLA's CONCURRENT graph order used 247) one lane per stream is unreadable: the lanes are
+# then kernel categories over all streams, so overlap shows as bars at the same time in different lanes.
+MAX_STREAM_LANES = 16
+
+
+def plot_timeline(trace: dict, path: str | Path, title: str = "") -> list[str]:
+    """One lane per GPU stream (or per kernel category, past MAX_STREAM_LANES streams), kernels coloured by
+    category. Returns the lane labels, top to bottom."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,18 +192,25 @@ def plot_timeline(trace: dict, path: str | Path, title: str = "") -> None:
 
     streams = device_streams(trace)
     if not streams:
-        return
+        return []
     t0 = min(float(e["ts"]) for evs in streams.values() for e in evs)
-    colours = {cat: f"C{i}" for i, cat in enumerate([c for c, _ in CATEGORIES] + ["other"])}
-    fig, ax = plt.subplots(figsize=(14, 1.2 + 0.6 * len(streams)))
-    for lane, (name, evs) in enumerate(sorted(streams.items())):
+    names = [c for c, _ in CATEGORIES] + ["other"]
+    colours = {cat: f"C{i}" for i, cat in enumerate(names)}
+    if len(streams) <= MAX_STREAM_LANES:
+        lanes = [(name[-40:], streams[name]) for name in sorted(streams)]
+    else:
+        every = [e for evs in streams.values() for e in evs]
+        lanes = [(cat, evs) for cat in names if (evs := [e for e in every if category(e["name"]) == cat])]
+        title = f"{title} ({len(streams)} streams, one lane per kernel category)"
+    fig, ax = plt.subplots(figsize=(14, 1.2 + 0.6 * len(lanes)))
+    for lane, (_, evs) in enumerate(lanes):
         for cat in colours:
             bars = [((float(e["ts"]) - t0) / 1e3, float(e.get("dur", 0)) / 1e3) for e in evs
                     if category(e["name"]) == cat]
             if bars:
-                ax.broken_barh(bars, (lane - 0.4, 0.8), color=colours[cat],
-                               label=cat if lane == 0 or cat not in ax.get_legend_handles_labels()[1] else None)
-    ax.set_yticks(range(len(streams)), [n[-40:] for n in sorted(streams)], fontsize=7)
+                ax.broken_barh(bars, (lane - 0.4, 0.8), color=colours[cat], label=cat)
+    ax.set_yticks(range(len(lanes)), [label for label, _ in lanes], fontsize=7)
+    ax.invert_yaxis()
     ax.set_xlabel("ms")
     ax.set_title(title, fontsize=9)
     handles, labels = ax.get_legend_handles_labels()
@@ -206,3 +219,4 @@ def plot_timeline(trace: dict, path: str | Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return [label for label, _ in lanes]

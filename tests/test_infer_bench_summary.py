@@ -23,6 +23,7 @@ def test_summary_ratios():
             _run("sparda-offload", 2, 0.010, "zero-copy", mb=520.0, slots=96),
             _run("sparda-offload", 2, 0.008, "zero-copy", "nofetch", mb=520.0, slots=96),
             _run("sparda-offload", 2, 0.009, "zero-copy", slots=384),  # a cache larger than k: not the k-slot mode
+            _run("sparda-offload", 2, 0.005, "zero-copy", "table", slots=384),
             _run("sparda-offload", 8, 0.016, "zero-copy", mb=52.0, slots=96),
             _run("sparda-offload", 8, 0.004, "zero-copy", "nofetch", slots=96),
             dict(_run("sparse", 8, 0.001), error="OOM")]
@@ -33,10 +34,12 @@ def test_summary_ratios():
     assert b2["step_vs_bound"] == pytest.approx(1.0) and b2["bound_from"] == "resident sparda"
     assert b2["bound_term"] == "pcie"
     assert b2["exposed_copy_ms"] == pytest.approx(2.0)
+    # the fastest block-cache run (table, 5 ms) against sparse-offload's 20 ms
+    assert b2["cache_vs_sparse_offload"] == pytest.approx(4.0) and b2["cache_slots"] == 384
     # no resident run at B=8: the bound is max(nofetch 4 ms, 1 ms of PCIe)
     assert b8["step_vs_bound"] == pytest.approx(4.0) and b8["bound_from"] == "nofetch"
     assert b8["bound_term"] == "gpu step"
-    assert "sparda_vs_sparse_offload" not in b8
+    assert "sparda_vs_sparse_offload" not in b8 and "cache_vs_sparse_offload" not in b8
     # best sparda-offload (k slots, no variant) 8 / 0.016 = 500 tok/s vs best resident sparse 2 / 0.004 = 500 tok/s
     assert best["best_throughput_ratio"] == pytest.approx(1.0) and best["batches_run"] == [2, 8]
 

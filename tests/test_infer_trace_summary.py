@@ -43,8 +43,19 @@ def test_summary_of_two_streams(tmp_path):
     assert (s["fill_us_per_step"], s["fill_hidden_us_per_step"]) == pytest.approx((10.0, 5.0))
     assert s["host_during_idle_us_per_step"] == {}
     assert s["command_buffer"] == {}
-    plot_timeline({"traceEvents": events}, tmp_path / "timeline.png", "two streams")
+    lanes = plot_timeline({"traceEvents": events}, tmp_path / "timeline.png", "two streams")
+    assert lanes == ["/device:GPU:0 Stream #1(Compute)", "/device:GPU:0 Stream #2"]
     assert (tmp_path / "timeline.png").stat().st_size > 1000
+
+
+def test_many_streams_are_plotted_by_category(tmp_path):
+    # 20 streams, one kernel each (as XLA's CONCURRENT order spreads a graph): lanes become the categories present
+    events = []
+    for i in range(20):
+        events += _meta(1, i, "/device:GPU:0", f"Stream #{i}")
+        events.append(_kernel(1, i, "sparda_fill_slots" if i % 4 == 0 else "sm90_xmma_gemm_bf16", 3 * i, 5))
+    lanes = plot_timeline({"traceEvents": events}, tmp_path / "t.png", "many")
+    assert lanes == ["fill", "matmul"] and (tmp_path / "t.png").stat().st_size > 1000
 
 
 def test_idle_gaps_and_categories():
