@@ -237,12 +237,12 @@ class FusedOffloadEngine(OffloadEngine):
         b, kvh, p = self.batch, self.config.num_kv_heads, self.cache_slots
         layers = range(self.config.num_layers)
         self.state = committed(dict(pool_k=self.pool_k, pool_v=self.pool_v, kc=self.kc,
-                          slot_block=[jnp.full((b, kvh, p), -1, jnp.int32) for _ in layers],
-                          age=[jnp.full((b, kvh, p), -1, jnp.int32) for _ in layers],
-                          block_slot=[jnp.full((b, kvh, self.num_blocks), -1, jnp.int32) for _ in layers]
-                          if self.slot_lookup == "table" else None,
-                          hook=self._hook_state, clock=jnp.int32(0),
-                          positions=self.lengths.astype(np.int32)))
+                                    slot_block=[jnp.full((b, kvh, p), -1, jnp.int32) for _ in layers],
+                                    age=[jnp.full((b, kvh, p), -1, jnp.int32) for _ in layers],
+                                    block_slot=[jnp.full((b, kvh, self.num_blocks), -1, jnp.int32) for _ in layers]
+                                    if self.slot_lookup == "table" else None,
+                                    hook=self._hook_state, clock=jnp.int32(0),
+                                    positions=self.lengths.astype(np.int32)))
         self.pool_k = self.pool_v = self.kc = None  # owned by self.state (donated every step)
         self._stored_lengths = self.lengths.copy()  # tokens already in the host store (prefill / synthetic fill)
         if not self.on_gpu:
