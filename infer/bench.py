@@ -88,6 +88,7 @@ class Run:
     phase_s: dict = dataclasses.field(default_factory=dict)
     replay: str = ""  # zero-copy selection replay: "trace" (precomputed) or "in-step" (drawn inside the step)
     profile: dict = dataclasses.field(default_factory=dict)  # --profile: infer.trace_summary of traced steps
+    step_compiles: int = 0  # executables of the decode step jit after the run (1 expected; 3 before 2026-12-02 fix)
     error: str = ""
 
     def set_timing(self, t: "Timing") -> list:
@@ -214,6 +215,8 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
         if profile_out is not None:
             profile_engine(eng, batch, r, profile_out)
             phase("profile")
+        if hasattr(eng, "_step"):
+            r.step_compiles = eng._step._cache_size()
     phase("close")
     r.tok_s = batch / r.step_s
     hits = sum(s.total("hits") for s in st)
@@ -293,6 +296,7 @@ def resident_run(model, sparse, shape, mode, ctx, batch, warmup, steps, profile_
     if profile_out is not None:
         profile_engine(eng, batch, r, profile_out)
     r.tok_s = batch / r.step_s
+    r.step_compiles = eng._run._cache_size()
     del eng
     return r
 

@@ -71,6 +71,7 @@ def test_bench_runs_end_to_end_on_cpu(tmp_path):
     assert runs[("sparda-offload", "table", 16)]["hit_rate"] == runs[("sparda-offload", "", 16)]["hit_rate"]
     assert all(not r["error"] and r["tok_s"] > 0 and 0 < r["hit_rate"] <= 1 for r in runs.values())
     assert all(r["replay"] == "trace" for r in runs.values())  # drawn before the timed steps by default
+    assert all(r["step_compiles"] == 1 for r in runs.values())  # numpy, then device tokens: one executable
     # --profile traced every run; a CPU trace has no GPU streams, which the summary reports
     assert all(r["profile"]["error"] == "no GPU stream events in the trace" for r in runs.values())
     assert result["summary"][0]["bound_from"] == "nofetch" and (tmp_path / "decode_tiny.png").exists()
