@@ -88,7 +88,9 @@ class Run:
     phase_s: dict = dataclasses.field(default_factory=dict)
     replay: str = ""  # zero-copy selection replay: "trace" (precomputed) or "in-step" (drawn inside the step)
     profile: dict = dataclasses.field(default_factory=dict)  # --profile: infer.trace_summary of traced steps
-    step_compiles: int = 0  # executables of the decode step jit after the run (1 expected; 3 before 2026-12-02 fix)
+    # executables of the decode step's jit after the run: 1 expected (3 before the 2026-12-02 fix); 0 = the engine has
+    # no single step jit (host-gather)
+    step_compiles: int = 0
     error: str = ""
 
     def set_timing(self, t: "Timing") -> list:

@@ -348,7 +348,6 @@ class OffloadEngine:
                 w.result()
         self.lengths = lengths.copy()
         self._load_tails(range(b))
-        self.kc = committed(self.kc)
         last = jnp.asarray(lengths - 1)
         x_last = jnp.concatenate(xs, axis=1)[jnp.arange(b), last]
         logits = _logits(*self.top, x_last)
