@@ -1,0 +1,18 @@
+#!/bin/bash
+# sixth H200 run, call 3: every mode at 32K B=1,8 and 128K B=8 on one machine (defaults: compile fix in, no XLA flags)
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 PYTHONPATH=.
+nvidia-smi --query-gpu=name --format=csv,noheader
+B=(--shapes paper8b --warmup 3 --prefill 0 --hf-peer 0 --host-gb 60 --transfers zero-copy --steps 6 --skip-resident-max
+   --cache4k --cache4k-max-rows 16 --variants "")
+run() {
+  local name=$1 secs=$2; shift 2
+  echo "=== $name $(date -u +%T)"
+  timeout $((secs + 40)) env "$@" --budget-s $secs --out /tmp/r/$name > /tmp/r/$name.log 2>&1
+  echo "rc $? $(date -u +%T)"; grep "tok/s\|largest" /tmp/r/$name.log
+  cp /tmp/r/$name/engine_bench*.json $OUT/$name.json 2>/dev/null
+  cp /tmp/r/$name/decode_paper8b.png $OUT/$name.png 2>/dev/null
+}
+mkdir -p /tmp/r
+run all_32k 290 python3 -m infer.bench "${B[@]}" --contexts 32768 --batches 1,8 --max-batch 8 --extra-batches 1,8
+run all_128k_b8 200 python3 -m infer.bench "${B[@]}" --contexts 131072 --batches 8 --max-batch 8 --extra-batches 8
+cat /tmp/r/*.log > $OUT/logs.txt
