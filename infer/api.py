@@ -19,6 +19,27 @@ from sparda_jax.sampling import SamplingConfig, sample
 _sample = jax.jit(sample)
 
 
+def greedy_program_loop(engine, first_token: int, *, max_new_tokens: int, stop_ids: tuple[int, ...],
+                        on_token: Callable[[int], None] | None) -> tuple[list[int], str]:
+    """`decode_loop` for greedy decoding on the fused engine: `decode_greedy` programs of up to one block of steps,
+    so the host enqueues once per block instead of once per token. Tokens stream a program at a time, and up to one
+    program's steps run past a stop token (they stay in engine.stats)."""
+    new_ids: list[int] = []
+    pending = [first_token]
+    while pending:
+        token = pending.pop(0)
+        if token in stop_ids:
+            return new_ids, "eos"
+        new_ids.append(token)
+        if on_token is not None:
+            on_token(token)
+        left = max_new_tokens - len(new_ids)
+        if not pending and left > 0:
+            steps = engine.decode_greedy(np.asarray([token], np.int32), min(left, engine.sparse.block_size))
+            pending = steps[:, 0].tolist()
+    return new_ids, "length"
+
+
 def generate(model: Transformer, sparse: SparseConfig, mode: str, prompt_ids: list[int], *, max_new_tokens: int,
              sampling: SamplingConfig, seed: int = 0, stop_ids: tuple[int, ...] = (),
              on_token: Callable[[int], None] | None = None, **engine_kwargs) -> GenerationResult:
@@ -46,8 +67,12 @@ def generate(model: Transformer, sparse: SparseConfig, mode: str, prompt_ids: li
                 return _sample(engine.decode(token, block=False), keys[step], *scalars)
 
             t0 = time.perf_counter()
-            new_ids, stop_reason = decode_loop(first, enqueue_step, max_new_tokens=max_new_tokens,
-                                               stop_ids=stop_ids, on_token=on_token)
+            if sampling.temperature == 0 and hasattr(engine, "decode_greedy"):
+                new_ids, stop_reason = greedy_program_loop(engine, int(first[0]), max_new_tokens=max_new_tokens,
+                                                           stop_ids=stop_ids, on_token=on_token)
+            else:
+                new_ids, stop_reason = decode_loop(first, enqueue_step, max_new_tokens=max_new_tokens,
+                                                   stop_ids=stop_ids, on_token=on_token)
             decode_s = time.perf_counter() - t0
         stats = list(engine.stats)
     # Compiles happen inside the first steps, so they are not timed apart.

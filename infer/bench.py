@@ -125,7 +125,17 @@ def greedy():
     return jax.jit(lambda logits: jnp.argmax(logits, -1).astype(jnp.int32))
 
 
-def time_engine(engine, batch: int, warmup: int, steps: int) -> Timing:
+def pipelined_steps(engine, token, n: int, multistep: bool):
+    """n greedy steps with no host read between them: one `decode(block=False)` each, or (multistep) the fused
+    engine's `decode_greedy` programs. Returns the last token (on the device unless multistep)."""
+    if multistep:
+        return engine.decode_greedy(token, n)[-1]
+    for _ in range(n):
+        token = greedy()(engine.decode(token, block=False))
+    return token
+
+
+def time_engine(engine, batch: int, warmup: int, steps: int, multistep: bool = False) -> Timing:
     tok = np.ones(batch, np.int32)
     t0 = time.perf_counter()
     engine.decode(tok)
@@ -136,19 +146,22 @@ def time_engine(engine, batch: int, warmup: int, steps: int) -> Timing:
     for _ in range(steps):
         engine.decode(tok)
     st = engine.stats[n0:]
-    token = greedy()(engine.decode(tok, block=False))  # compiles `greedy` outside the timing
-    greedy()(engine.decode(token, block=False)).block_until_ready()  # so would a recompile for device-side tokens
+    # Two untimed pipelined steps compile `greedy` (or the multi-step program) and any recompile for device tokens.
+    token = pipelined_steps(engine, tok, 1, multistep)
+    jax_block(pipelined_steps(engine, token, 1, multistep))
     n1 = len(engine.stats)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        token = greedy()(engine.decode(token, block=False))
-    token.block_until_ready()
+    jax_block(pipelined_steps(engine, token, steps, multistep))
     pipelined = (time.perf_counter() - t0) / steps
     return Timing(pipelined, float(np.median([s.seconds for s in st])),
                   float(np.median([s.dispatch_s for s in engine.stats[n1:]])), first, st)
 
 
-def profile_engine(engine, batch: int, run: Run, out: Path) -> None:
+def jax_block(x):
+    return x.block_until_ready() if hasattr(x, "block_until_ready") else x
+
+
+def profile_engine(engine, batch: int, run: Run, out: Path, multistep: bool = False) -> None:
     """PROFILE_STEPS more steps under the jax profiler (after the timed ones): their summary goes into `run`, the
     timeline into out/profiles/."""
     import tempfile
@@ -160,9 +173,7 @@ def profile_engine(engine, batch: int, run: Run, out: Path) -> None:
     token = greedy()(engine.decode(np.ones(batch, np.int32)))
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            for _ in range(PROFILE_STEPS):  # as time_engine's pipelined loop
-                token = greedy()(engine.decode(token, block=False))
-            token.block_until_ready()
+            jax_block(pipelined_steps(engine, token, PROFILE_STEPS, multistep))  # as time_engine's timed loop
         trace = load_trace(find_perfetto_trace(tmp))
     run.profile = summarize_trace(trace, PROFILE_STEPS)
     name = "_".join(str(x) for x in (run.shape, run.context, run.batch, run.mode, run.transfer, run.cache_slots,
@@ -212,10 +223,11 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
         eng.fill_synthetic(ctx, fill_store=False)
         r.cache_slots = eng.cache_slots
         phase("engine + synthetic fill")
-        st = r.set_timing(time_engine(eng, batch, warmup, steps))
+        multistep = "multistep" in variant
+        st = r.set_timing(time_engine(eng, batch, warmup, steps, multistep))
         phase("steps (compile included)")
         if profile_out is not None:
-            profile_engine(eng, batch, r, profile_out)
+            profile_engine(eng, batch, r, profile_out, multistep)
             phase("profile")
         if hasattr(eng, "_step"):
             r.step_compiles = eng._step._cache_size()
@@ -384,6 +396,34 @@ print(json.dumps(dict(shape={shape!r}, context={ctx}, prefill_plus_1_s=short,
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def _goal_ratios(row, runs, find, shape, ctx, b, k, multi: str, pcie_gbps: float) -> None:
+    """`summarize`'s per-batch ratios over the runs timed one way (multi: "" or "multistep"), into row; the keys of
+    the multistep runs end in _multistep. Every ratio compares runs timed the same way."""
+    key = (lambda name: f"{name}_{multi}") if multi else (lambda name: name)
+    sd = find(shape, ctx, b, "sparda-offload", "zero-copy", multi)
+    ss = find(shape, ctx, b, "sparse-offload", "zero-copy", multi)
+    nf = find(shape, ctx, b, "sparda-offload", "zero-copy", "nofetch")
+    res = find(shape, ctx, b, "sparda")
+    if sd and ss:
+        row[key("sparda_vs_sparse_offload")] = sd["tok_s"] / ss["tok_s"]
+    cached = [r for r in runs if (r["shape"], r["context"], r["batch"], r["mode"], r["transfer"]) ==
+              (shape, ctx, b, "sparda-offload", "zero-copy") and r["cache_slots"] > k
+              and ("multistep" in r["variant"]) == bool(multi)]
+    if cached and ss:
+        fastest = max(cached, key=lambda r: r["tok_s"])
+        row[key("cache_vs_sparse_offload")] = fastest["tok_s"] / ss["tok_s"]
+        row[key("cache_slots")] = fastest["cache_slots"]
+    if sd:
+        gpu = res["step_s"] if res else (nf["step_s"] if nf else None)
+        if gpu:
+            pcie = sd["mb_per_step"] / 1e3 / pcie_gbps
+            row[key("step_vs_bound")] = sd["step_s"] / max(gpu, pcie)
+            row[key("bound_from")] = "resident sparda" if res else "nofetch"  # where the GPU-only step came from
+            row[key("bound_term")] = "pcie" if pcie > gpu else "gpu step"
+        if nf and not multi:
+            row["exposed_copy_ms"] = (sd["step_s"] - nf["step_s"]) * 1e3
+
+
 def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
     """The goal ratios per (shape, context, batch), from the runs of one result JSON.
 
@@ -392,7 +432,8 @@ def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
     the same batch when it fits, else from the `nofetch` variant (same program, fills skipped); bound_term says which
     of the two is larger. exposed_copy_ms:
     step - nofetch step. cache_vs_sparse_offload: the fastest sparda-offload run with a block cache (more slots than
-    k, any lookup) against sparse-offload, its slots in cache_slots.
+    k, any lookup) against sparse-offload, its slots in cache_slots. Runs of `--multistep` (variant "multistep",
+    or "table+multistep" for the cache) give the same ratios again, keys ending in _multistep.
     """
     runs = [r for r in result["runs"] if not r["error"] and not r["mode"].startswith("prefill")]
 
@@ -409,27 +450,8 @@ def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
     for shape, ctx in sorted({(r["shape"], r["context"]) for r in runs}):
         for b in sorted({r["batch"] for r in runs if (r["shape"], r["context"]) == (shape, ctx)}):
             row = dict(shape=shape, context=ctx, batch=b)
-            sd = find(shape, ctx, b, "sparda-offload", "zero-copy")
-            ss = find(shape, ctx, b, "sparse-offload", "zero-copy")
-            nf = find(shape, ctx, b, "sparda-offload", "zero-copy", "nofetch")
-            res = find(shape, ctx, b, "sparda")
-            if sd and ss:
-                row["sparda_vs_sparse_offload"] = sd["tok_s"] / ss["tok_s"]
-            cached = [r for r in runs if (r["shape"], r["context"], r["batch"], r["mode"], r["transfer"]) ==
-                      (shape, ctx, b, "sparda-offload", "zero-copy") and r["cache_slots"] > k]
-            if cached and ss:
-                fastest = max(cached, key=lambda r: r["tok_s"])
-                row["cache_vs_sparse_offload"] = fastest["tok_s"] / ss["tok_s"]
-                row["cache_slots"] = fastest["cache_slots"]
-            if sd:
-                gpu = res["step_s"] if res else (nf["step_s"] if nf else None)
-                if gpu:
-                    pcie = sd["mb_per_step"] / 1e3 / pcie_gbps
-                    row["step_vs_bound"] = sd["step_s"] / max(gpu, pcie)
-                    row["bound_from"] = "resident sparda" if res else "nofetch"  # where the GPU-only step came from
-                    row["bound_term"] = "pcie" if pcie > gpu else "gpu step"
-                if nf:
-                    row["exposed_copy_ms"] = (sd["step_s"] - nf["step_s"]) * 1e3
+            for multi in ("", "multistep"):  # per-step dispatch, then multi-step programs (`--multistep`)
+                _goal_ratios(row, runs, find, shape, ctx, b, k, multi, pcie_gbps)
             if len(row) > 3:
                 out.append(row)
         tops = {m: max((r["tok_s"] for r in runs if (r["shape"], r["context"], r["mode"]) == (shape, ctx, m)
@@ -523,6 +545,9 @@ def main():
                    help="zero-copy variants run at --extra-batches")
     p.add_argument("--extra-batches", default="", help="batches that also get the variants / 4k-slot cache "
                    "(default: 1 and the last of --batches)")
+    p.add_argument("--multistep", action="store_true",
+                   help="time the zero-copy offload runs (k slots and the 4k-slot table) with the fused engine's "
+                   "decode_greedy instead: up to 64 greedy steps per program (variants multistep, table+multistep)")
     p.add_argument("--cache4k", action="store_true", help="also sparda-offload with a 4k-slot LRU cache")
     p.add_argument("--cache4k-max-rows", type=int, default=64, help="4k-slot cache only where B*KV <= this")
     p.add_argument("--cache-warmup", type=int, default=32, help="warm-up steps of runs with a block cache larger "
@@ -628,6 +653,10 @@ def main():
                     if "zero-copy" in transfers:
                         plan += [("offload", "sparda-offload", b, "zero-copy", 0, v)
                                  for v in a.variants.split(",") if v]
+            if a.multistep:
+                plan = [(kind, mode, b, tr, slots, "+".join(filter(None, (v, "multistep"))))
+                        if tr == "zero-copy" and v in ("", "table") else (kind, mode, b, tr, slots, v)
+                        for kind, mode, b, tr, slots, v in plan]
             if b_res >= 1 and b_res not in [x[2] for x in plan] and not a.skip_resident_max:
                 plan += [("resident", "sparse", b_res, "", 0, ""), ("resident", "sparda", b_res, "", 0, "")]
             if ctx == contexts[0] and a.dense:

@@ -7,7 +7,8 @@ step runs all layers (a Python `for` inside the jit; the device state is donated
 returns before the step runs: fed device-side tokens, the host enqueues step t+1 while the GPU runs step t (the
 enqueue took 4.4 ms a step at 32K B=1 on the H200, 2.6 ms of it XLA re-recording the step's 1313-command CUDA
 graph, as 2-3 of the buffers it touches move every step (bench_results/engine/h200_2026-12-02_graph_updates); a
-blocking loop leaves the GPU idle for all of it). Per layer:
+blocking loop leaves the GPU idle for all of it). `decode_greedy(tokens, n)` runs up to 64 greedy steps as one
+program, a loop inside one CUDA graph, so the host enqueues once per program. Per layer:
 
   selection (the model's own functions) -> diff against the slot map on the device (membership of the k selected ids
   among the P slots) -> misses take victim slots (slots not used this step, free first, then least recently used:
@@ -29,6 +30,7 @@ writes it to the store. With equal lengths that is one copy every 64 steps.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Any, Callable
 
@@ -110,6 +112,21 @@ FILL_KERNELS = ("grid", "persistent")
 GRAPH_SCHEDULING = ("LHS", "CONCURRENT")
 
 
+# The multi-step program's loop has a traced trip count. XLA's default command-buffer types leave such a loop to the
+# host: a predicate read and an enqueue every step, no faster than `decode` (H200, 32K B=1: 7.35 ms of host time a
+# step). With WHILE and CONDITIONAL among them the loop runs inside one CUDA graph (0.10 ms a step).
+LOOP_GRAPH_COMMANDS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+
+
+def multi_step_options(step_options: dict, on_gpu: bool, xla_flags: str | None = None) -> dict:
+    """The multi-step program's compiler options: the step's, plus LOOP_GRAPH_COMMANDS on a GPU unless XLA_FLAGS
+    sets the command-buffer types itself (a per-jit option would override it)."""
+    xla_flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    if not on_gpu or "xla_gpu_enable_command_buffer=" in xla_flags:
+        return dict(step_options)
+    return {**step_options, "xla_gpu_enable_command_buffer": LOOP_GRAPH_COMMANDS}
+
+
 def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector: str,
                 sparse: SparseConfig, num_blocks: int, interpret: bool, stream: bool, fetch: bool, fill_kernel: str,
                 hook: DeviceSelectionHook | None):
@@ -184,6 +201,25 @@ def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector
     return logits, new_state, jnp.stack(counts)
 
 
+def _fused_greedy_steps(graphdef, params_tree, params, state, tokens, hosts, num_steps, *, max_steps: int,
+                        num_layers: int, **step_kw):
+    """`num_steps` (<= max_steps; traced, so one compile serves every count) greedy steps of `_fused_step` in one
+    program: the host enqueues, and XLA checks the step's CUDA graph for moved buffers, once per call instead of
+    once per token. Returns the tokens [max_steps, B] (rows past num_steps are -1), the state and the counts
+    [max_steps, L, 3]."""
+
+    def body(i, carry):
+        state, tokens, out, counts = carry
+        logits, state, step_counts = _fused_step(graphdef, params_tree, params, state, tokens, hosts, **step_kw)
+        tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+        return state, tokens, out.at[i].set(tokens), counts.at[i].set(step_counts)
+
+    out = jnp.full((max_steps, tokens.shape[0]), -1, jnp.int32)
+    counts = jnp.zeros((max_steps, num_layers, 3), jnp.int32)
+    state, _, out, counts = jax.lax.fori_loop(0, num_steps, body, (state, tokens, out, counts))
+    return out, state, counts
+
+
 class FusedOffloadEngine(OffloadEngine):
     """`transfer='zero-copy'`: the fused device-resident decode step. Same constructor and API as OffloadEngine.
 
@@ -224,10 +260,14 @@ class FusedOffloadEngine(OffloadEngine):
             opts["xla_gpu_command_buffer_scheduling_mode"] = graph_scheduling
         if stream:
             opts["xla_gpu_experimental_stream_annotation"] = True
-        step = functools.partial(_fused_step, graphdef, params_tree, selector=self.selector, sparse=sparse,
-                                 num_blocks=self.num_blocks, interpret=not self.on_gpu, stream=stream, fetch=fetch,
-                                 fill_kernel=fill_kernel, hook=selection_hook)
+        step_kw = dict(selector=self.selector, sparse=sparse, num_blocks=self.num_blocks, interpret=not self.on_gpu,
+                       stream=stream, fetch=fetch, fill_kernel=fill_kernel, hook=selection_hook)
+        step = functools.partial(_fused_step, graphdef, params_tree, **step_kw)
         self._step = jax.jit(step, donate_argnums=(1,), compiler_options=opts or None)
+        steps = functools.partial(_fused_greedy_steps, graphdef, params_tree, max_steps=sparse.block_size,
+                                  num_layers=self.config.num_layers, **step_kw)
+        self._greedy_steps = jax.jit(steps, donate_argnums=(1,),
+                                     compiler_options=multi_step_options(opts, self.on_gpu) or None)
         self._hook_state = hook_state
         self.state = None
         self.row_bytes = self.store.row_elems * self.store.dtype.itemsize
@@ -298,7 +338,43 @@ class FusedOffloadEngine(OffloadEngine):
         if block:
             logits.block_until_ready()
             step.seconds = time.perf_counter() - t0
-        step.pending = (counts, self.row_bytes)
+        step.pending = (counts, self.row_bytes, None)
         self.stats.append(step)
         self._steps += 1
         return logits
+
+    def decode_greedy(self, tokens, num_steps: int) -> np.ndarray:
+        """`num_steps` greedy tokens per sequence, fed back on the device: [num_steps, B] (waits for them).
+
+        Runs as few programs as the tail flushes allow (one per block of 64 positions): the host's enqueue of a
+        step (the bound on a pipelined `decode` loop at small batch) is paid once per program. Each token still
+        gets its StepStats, with the program's dispatch time spread over its steps."""
+        tokens, positions = self._decode_inputs(tokens)
+        if self.state is None:
+            raise SpardaError("prefill (or fill_synthetic) first")
+        if num_steps < 1:
+            raise SpardaError(f"num_steps must be >= 1, got {num_steps}")
+        if int(positions.max()) + num_steps > self.max_len:
+            raise SpardaError(f"context {self.max_len} cannot hold {num_steps} more tokens after "
+                              f"{int(positions.max())}")
+        s = self.sparse.block_size
+        tokens = committed(tokens)
+        programs = []
+        while (done := sum(n for _, n in programs)) < num_steps:
+            t0 = time.perf_counter()
+            self._flush_due(self.lengths)
+            # No sequence may reach its next block boundary inside the program: the flush there needs the host.
+            count = min(num_steps - done, int((s - self.lengths % s).min()))
+            out, self.state, counts = self._greedy_steps(self._params, self.state, tokens, tuple(self.hosts),
+                                                         np.int32(count))
+            dispatch = (time.perf_counter() - t0) / count
+            for i in range(count):
+                step = StepStats(self._steps, "decode", float("nan"), dispatch_s=dispatch)
+                step.pending = (counts, self.row_bytes, i)
+                self.stats.append(step)
+                self._steps += 1
+            self.lengths = self.lengths + count
+            tokens = out[count - 1]
+            programs.append((out, count))
+        return np.concatenate([np.asarray(out)[:n] for out, n in programs])
+

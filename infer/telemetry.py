@@ -26,16 +26,19 @@ class StepStats:
     seconds: float = 0.0  # until the step's output is ready; NaN for a step dispatched with block=False
     dispatch_s: float = 0.0  # host time to enqueue the step (a pipelined loop hides it only if it is < the GPU step)
     layers: list[LayerStats] = dataclasses.field(default_factory=list)
-    pending: Any = None  # fused engine: ([L, 3] device counts, bytes per block), read on first use
+    # fused engine: (device counts [L, 3], bytes per block, None), or ([N, L, 3], bytes per block, this step's row)
+    # for a multi-step program's steps (they share the array: one device->host copy), read on first use
+    pending: Any = None
 
     def resolve(self) -> "StepStats":
         if self.pending is not None:
             import numpy as np
 
-            counts, row_bytes = self.pending
+            counts, row_bytes, row = self.pending
             self.pending = None
+            counts = np.asarray(counts) if row is None else np.asarray(counts)[row]
             self.layers = [LayerStats(i, hits=int(h), tail_hits=int(t), misses=int(m), bytes=int(m) * row_bytes)
-                           for i, (h, t, m) in enumerate(np.asarray(counts))]
+                           for i, (h, t, m) in enumerate(counts)]
         return self
 
     def total(self, name: str) -> float:

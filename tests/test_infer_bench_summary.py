@@ -26,7 +26,11 @@ def test_summary_ratios():
             _run("sparda-offload", 2, 0.005, "zero-copy", "table", slots=384),
             _run("sparda-offload", 8, 0.016, "zero-copy", mb=52.0, slots=96),
             _run("sparda-offload", 8, 0.004, "zero-copy", "nofetch", slots=96),
-            dict(_run("sparse", 8, 0.001), error="OOM")]
+            dict(_run("sparse", 8, 0.001), error="OOM"),
+            # --multistep: compared only with each other
+            _run("sparse-offload", 2, 0.016, "zero-copy", "multistep", mb=520.0, slots=96),
+            _run("sparda-offload", 2, 0.0125, "zero-copy", "multistep", mb=520.0, slots=96),
+            _run("sparda-offload", 2, 0.004, "zero-copy", "table+multistep", slots=384)]
     rows = summarize({"runs": runs, "top_k_blocks": 96}, pcie_gbps=52.0)
     b2, b8, best = rows
     assert b2["sparda_vs_sparse_offload"] == pytest.approx(2.0)
@@ -36,10 +40,14 @@ def test_summary_ratios():
     assert b2["exposed_copy_ms"] == pytest.approx(2.0)
     # the fastest block-cache run (table, 5 ms) against sparse-offload's 20 ms
     assert b2["cache_vs_sparse_offload"] == pytest.approx(4.0) and b2["cache_slots"] == 384
+    assert b2["sparda_vs_sparse_offload_multistep"] == pytest.approx(1.28)
+    assert b2["cache_vs_sparse_offload_multistep"] == pytest.approx(4.0)
+    assert b2["step_vs_bound_multistep"] == pytest.approx(1.25) and b2["bound_term_multistep"] == "pcie"
     # no resident run at B=8: the bound is max(nofetch 4 ms, 1 ms of PCIe)
     assert b8["step_vs_bound"] == pytest.approx(4.0) and b8["bound_from"] == "nofetch"
     assert b8["bound_term"] == "gpu step"
     assert "sparda_vs_sparse_offload" not in b8 and "cache_vs_sparse_offload" not in b8
+    assert not any(key.endswith("_multistep") for key in b8)
     # best sparda-offload (k slots, no variant) 8 / 0.016 = 500 tok/s vs best resident sparse 2 / 0.004 = 500 tok/s
     assert best["best_throughput_ratio"] == pytest.approx(1.0) and best["batches_run"] == [2, 8]
 
@@ -77,15 +85,17 @@ def test_bench_runs_end_to_end_on_cpu(tmp_path):
     assert result["summary"][0]["bound_from"] == "nofetch" and (tmp_path / "decode_tiny.png").exists()
 
 
-def test_bench_modes_filter_runs_only_those_modes(tmp_path):
+def test_bench_modes_filter_and_multistep(tmp_path):
     root = Path(__file__).resolve().parents[1]
     common = [sys.executable, "-m", "infer.bench", "--shapes", "tiny", "--contexts", "2048", "--batches", "1",
               "--max-batch", "1", "--host-gb", "0.01", "--top-k-blocks", "16", "--local-blocks", "4", "--transfers",
               "zero-copy", "--variants", "", "--extra-batches", "0", "--steps", "1", "--warmup", "1", "--prefill", "0",
               "--hf-peer", "0", "--skip-resident-max", "--out", str(tmp_path)]
-    proc = subprocess.run(common + ["--modes", "sparda-offload"], cwd=root, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(common + ["--modes", "sparda-offload", "--multistep"], cwd=root, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = json.loads((tmp_path / "engine_bench_tiny.json").read_text())["runs"]
-    assert [r["mode"] for r in runs] == ["sparda-offload"]
+    assert [(r["mode"], r["variant"]) for r in runs] == [("sparda-offload", "multistep")]
+    assert all(not r["error"] and r["tok_s"] > 0 and r["step_compiles"] == 1 for r in runs)
     bad = subprocess.run(common + ["--modes", "sparda,offload"], cwd=root, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown mode(s) offload" in bad.stderr.strip().splitlines()[-1]

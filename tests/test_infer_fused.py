@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from infer.engine import ResidentEngine, make_engine
-from infer.fused import FusedOffloadEngine, slot_diff
+from infer.fused import LOOP_GRAPH_COMMANDS, FusedOffloadEngine, multi_step_options, slot_diff
 from infer.slots import SlotMap
 from sparda_jax.config import SparseConfig
 from sparda_jax.errors import SpardaError
@@ -98,6 +98,59 @@ def test_pipelined_greedy_decode_matches_blocking_resident(tiny_engine_model):
     assert eng._step._cache_size() == 1  # one compile: see pallas_kernels/__init__.py
 
 
+@pytest.mark.parametrize("mode", ["sparse", "sparda"])
+def test_multi_step_greedy_decode_matches_resident_and_single_steps(tiny_engine_model, mode):
+    """decode_greedy (a few programs of up to 64 steps, split at block boundaries for the tail flushes) gives the
+    resident engine's greedy tokens and, step by step, the same hit / miss counts as single fused steps."""
+    # Tail flushes: sequence 1 at positions 320 and 384 (steps 67, 131), sequence 0 at 384 (step 84).
+    lengths = np.array([300, 253])
+    b, steps = 2, 140
+    tokens = np.random.default_rng(2).integers(0, tiny_engine_model.config.vocab_size, (b, 320)).astype(np.int32)
+    ref = ResidentEngine(tiny_engine_model, SPARSE, mode=mode, batch=b, max_len=1024)
+    want = [np.argmax(np.asarray(ref.prefill(tokens, lengths)), -1)]
+    for _ in range(steps):
+        want.append(np.argmax(np.asarray(ref.decode(want[-1])), -1))
+    kw = dict(batch=b, max_len=1024, prefill_chunk=128, transfer="zero-copy", cache_slots=6)
+    with make_engine(tiny_engine_model, SPARSE, mode + "-offload", **kw) as eng, \
+            make_engine(tiny_engine_model, SPARSE, mode + "-offload", **kw) as single:
+        first = np.argmax(np.asarray(eng.prefill(tokens, lengths)), -1)
+        got = eng.decode_greedy(first, 30)
+        got = np.concatenate([got, eng.decode_greedy(got[-1], steps - 30)])
+        single.prefill(tokens, lengths)
+        for t in want[:-1]:
+            single.decode(t)
+        np.testing.assert_array_equal(eng.lengths, lengths + steps)
+        # blocks 0-4 of both sequences are in the store now (prefill, then the flushes); the rest is unwritten
+        np.testing.assert_array_equal(eng.store.data[:, :, :, :5], single.store.data[:, :, :, :5])
+    np.testing.assert_array_equal(got, np.stack(want[1:]))
+    multi = [s for s in eng.stats if s.kind == "decode"]
+    ones = [s for s in single.stats if s.kind == "decode"]
+    assert len(multi) == steps and [s.step for s in multi] == list(range(1, steps + 1))
+    for n, (m, o) in enumerate(zip(multi, ones)):
+        assert [(x.hits, x.tail_hits, x.misses, x.bytes) for x in m.resolve().layers] == \
+               [(x.hits, x.tail_hits, x.misses, x.bytes) for x in o.resolve().layers], f"step {n}"
+    assert sum(s.total("misses") for s in multi) > 0
+    assert eng._greedy_steps._cache_size() == 1  # every program length runs the same compile
+
+
+@pytest.mark.parametrize("on_gpu,xla_flags,expected", [
+    (True, "", LOOP_GRAPH_COMMANDS), (True, "--xla_gpu_enable_command_buffer= --foo", None), (False, "", None)])
+def test_multi_step_program_puts_its_loop_in_the_graph_unless_xla_flags_decide(on_gpu, xla_flags, expected):
+    options = multi_step_options({"xla_gpu_command_buffer_scheduling_mode": "LHS"}, on_gpu, xla_flags)
+    assert options.get("xla_gpu_enable_command_buffer") == expected
+    assert options["xla_gpu_command_buffer_scheduling_mode"] == "LHS"
+
+
+@pytest.mark.parametrize("num_steps,match", [(0, "num_steps must be >= 1"), (200, "cannot hold 200 more")])
+def test_multi_step_greedy_decode_rejects_bad_step_counts(tiny_engine_model, num_steps, match):
+    with make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=1, max_len=384, prefill_chunk=128,
+                     transfer="zero-copy") as eng:
+        eng.prefill(np.ones((1, 256), np.int32))
+        with pytest.raises(SpardaError, match=match):
+            eng.decode_greedy(np.ones(1, np.int32), num_steps)
+        assert eng.lengths.tolist() == [256]
+
+
 @pytest.mark.parametrize("slot_lookup,cache_slots", [("compare", 6), ("table", 6), ("compare", 10), ("table", 10)])
 def test_slot_diff_matches_slot_map_under_heavy_eviction(slot_lookup, cache_slots):
     """Random selections from a few blocks: blocks are evicted and selected again every step. Slots chosen, slot
@@ -151,7 +204,8 @@ def test_unknown_graph_scheduling_is_a_clear_error(tiny_engine_model):
 @pytest.mark.parametrize("graph_scheduling,expected", [(None, None), ("CONCURRENT", "CONCURRENT")])
 def test_graph_scheduling_reaches_the_step_only_when_given(tiny_engine_model, monkeypatch, graph_scheduling,
                                                            expected):
-    """A per-jit compiler option overrides XLA_FLAGS, so by default the step must not pass one."""
+    """A per-jit compiler option overrides XLA_FLAGS, so by default the step (and the multi-step program) must not
+    pass one."""
     real_jit, seen = jax.jit, []
 
     def spy(fun, **kwargs):
@@ -161,4 +215,4 @@ def test_graph_scheduling_reaches_the_step_only_when_given(tiny_engine_model, mo
     monkeypatch.setattr(jax, "jit", spy)
     make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=1, max_len=1024, transfer="zero-copy",
                 graph_scheduling=graph_scheduling)
-    assert [o.get("xla_gpu_command_buffer_scheduling_mode") for o in seen] == [expected]
+    assert [o.get("xla_gpu_command_buffer_scheduling_mode") for o in seen] == [expected, expected]
