@@ -19,11 +19,13 @@ from sparda_jax.sampling import SamplingConfig, sample
 _sample = jax.jit(sample)
 
 
-def greedy_program_loop(engine, first_token: int, *, max_new_tokens: int, stop_ids: tuple[int, ...],
-                        on_token: Callable[[int], None] | None) -> tuple[list[int], str]:
-    """`decode_loop` for greedy decoding on the fused engine: `decode_greedy` programs of up to one block of steps,
-    so the host enqueues once per block instead of once per token. Tokens stream a program at a time, and up to one
-    program's steps run past a stop token (they stay in engine.stats)."""
+def program_loop(run_program: Callable[[int, int, int], np.ndarray], first_token: int, *, max_new_tokens: int,
+                 block_size: int, stop_ids: tuple[int, ...],
+                 on_token: Callable[[int], None] | None) -> tuple[list[int], str]:
+    """`decode_loop` over the fused engine's multi-step programs: `run_program(token, index, n)` returns tokens
+    index .. index + n - 1 (n <= block_size, fed `token`), so the host enqueues once per program instead of once
+    per token. Tokens stream a program at a time, and up to one program's steps run past a stop token (they stay in
+    engine.stats)."""
     new_ids: list[int] = []
     pending = [first_token]
     while pending:
@@ -35,8 +37,7 @@ def greedy_program_loop(engine, first_token: int, *, max_new_tokens: int, stop_i
             on_token(token)
         left = max_new_tokens - len(new_ids)
         if not pending and left > 0:
-            steps = engine.decode_greedy(np.asarray([token], np.int32), min(left, engine.sparse.block_size))
-            pending = steps[:, 0].tolist()
+            pending = run_program(token, len(new_ids), min(left, block_size)).tolist()
     return new_ids, "length"
 
 
@@ -63,14 +64,21 @@ def generate(model: Transformer, sparse: SparseConfig, mode: str, prompt_ids: li
             first.block_until_ready()
             prefill_s = time.perf_counter() - t0
 
-            def enqueue_step(step: int, token: jax.Array) -> jax.Array:
-                return _sample(engine.decode(token, block=False), keys[step], *scalars)
-
             t0 = time.perf_counter()
-            if sampling.temperature == 0 and hasattr(engine, "decode_greedy"):
-                new_ids, stop_reason = greedy_program_loop(engine, int(first[0]), max_new_tokens=max_new_tokens,
-                                                           stop_ids=stop_ids, on_token=on_token)
+            if hasattr(engine, "decode_sampled"):  # the fused engine: token i still samples with keys[i]
+                def run_program(token: int, index: int, n: int) -> np.ndarray:
+                    fed = np.asarray([token], np.int32)
+                    if sampling.temperature == 0:
+                        return engine.decode_greedy(fed, n)[:, 0]
+                    return engine.decode_sampled(fed, keys[index:index + n], sampling)[:, 0]
+
+                new_ids, stop_reason = program_loop(run_program, int(first[0]), max_new_tokens=max_new_tokens,
+                                                    block_size=sparse.block_size, stop_ids=stop_ids,
+                                                    on_token=on_token)
             else:
+                def enqueue_step(step: int, token: jax.Array) -> jax.Array:
+                    return _sample(engine.decode(token, block=False), keys[step], *scalars)
+
                 new_ids, stop_reason = decode_loop(first, enqueue_step, max_new_tokens=max_new_tokens,
                                                    stop_ids=stop_ids, on_token=on_token)
             decode_s = time.perf_counter() - t0

@@ -8,7 +8,8 @@ returns before the step runs: fed device-side tokens, the host enqueues step t+1
 enqueue took 4.4 ms a step at 32K B=1 on the H200, 2.6 ms of it XLA re-recording the step's 1313-command CUDA
 graph, as 2-3 of the buffers it touches move every step (bench_results/engine/h200_2026-12-02_graph_updates); a
 blocking loop leaves the GPU idle for all of it). `decode_greedy(tokens, n)` runs up to 64 greedy steps as one
-program, a loop inside one CUDA graph, so the host enqueues once per program. Per layer:
+program, a loop inside one CUDA graph, so the host enqueues once per program (`decode_sampled`: the same with a
+sampler). Per layer:
 
   selection (the model's own functions) -> diff against the slot map on the device (membership of the k selected ids
   among the P slots) -> misses take victim slots (slots not used this step, free first, then least recently used:
@@ -47,6 +48,7 @@ from sparda_jax import selection
 from sparda_jax.config import SparseConfig
 from sparda_jax.errors import SpardaError
 from sparda_jax.model import rope_frequencies
+from sparda_jax.sampling import SamplingConfig, sample
 
 # (layer, ids [B, KV, k], positions [B], hook state) -> (ids, hook state), traced inside the step (benchmarks).
 DeviceSelectionHook = Callable[[int, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
@@ -201,17 +203,18 @@ def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector
     return logits, new_state, jnp.stack(counts)
 
 
-def _fused_greedy_steps(graphdef, params_tree, params, state, tokens, hosts, num_steps, *, max_steps: int,
-                        num_layers: int, **step_kw):
-    """`num_steps` (<= max_steps; traced, so one compile serves every count) greedy steps of `_fused_step` in one
-    program: the host enqueues, and XLA checks the step's CUDA graph for moved buffers, once per call instead of
-    once per token. Returns the tokens [max_steps, B] (rows past num_steps are -1), the state and the counts
-    [max_steps, L, 3]."""
+def _fused_decode_steps(graphdef, params_tree, params, state, tokens, hosts, num_steps, keys, sampling, *,
+                        max_steps: int, num_layers: int, sampled: bool, **step_kw):
+    """`num_steps` (<= max_steps; traced, so one compile serves every count) decode steps of `_fused_step` in one
+    program, each step's token fed to the next: the host enqueues, and XLA checks the step's CUDA graph for moved
+    buffers, once per call instead of once per token. sampled: step i draws with `sample(logits, keys[i],
+    *sampling)` (keys [max_steps]); else greedy (keys and sampling unused). Returns the tokens [max_steps, B] (rows
+    past num_steps are -1), the state and the counts [max_steps, L, 3]."""
 
     def body(i, carry):
         state, tokens, out, counts = carry
         logits, state, step_counts = _fused_step(graphdef, params_tree, params, state, tokens, hosts, **step_kw)
-        tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+        tokens = sample(logits, keys[i], *sampling) if sampled else jnp.argmax(logits, -1).astype(jnp.int32)
         return state, tokens, out.at[i].set(tokens), counts.at[i].set(step_counts)
 
     out = jnp.full((max_steps, tokens.shape[0]), -1, jnp.int32)
@@ -264,10 +267,12 @@ class FusedOffloadEngine(OffloadEngine):
                        stream=stream, fetch=fetch, fill_kernel=fill_kernel, hook=selection_hook)
         step = functools.partial(_fused_step, graphdef, params_tree, **step_kw)
         self._step = jax.jit(step, donate_argnums=(1,), compiler_options=opts or None)
-        steps = functools.partial(_fused_greedy_steps, graphdef, params_tree, max_steps=sparse.block_size,
-                                  num_layers=self.config.num_layers, **step_kw)
-        self._greedy_steps = jax.jit(steps, donate_argnums=(1,),
-                                     compiler_options=multi_step_options(opts, self.on_gpu) or None)
+        programs = {sampled: functools.partial(_fused_decode_steps, graphdef, params_tree, max_steps=sparse.block_size,
+                                               num_layers=self.config.num_layers, sampled=sampled, **step_kw)
+                    for sampled in (False, True)}
+        self._programs = {sampled: jax.jit(fn, donate_argnums=(1,),
+                                           compiler_options=multi_step_options(opts, self.on_gpu) or None)
+                          for sampled, fn in programs.items()}  # each compiled on its first use
         self._hook_state = hook_state
         self.state = None
         self.row_bytes = self.store.row_elems * self.store.dtype.itemsize
@@ -349,6 +354,13 @@ class FusedOffloadEngine(OffloadEngine):
         Runs as few programs as the tail flushes allow (one per block of 64 positions): the host's enqueue of a
         step (the bound on a pipelined `decode` loop at small batch) is paid once per program. Each token still
         gets its StepStats, with the program's dispatch time spread over its steps."""
+        return self._run_programs(tokens, num_steps, None, None)
+
+    def decode_sampled(self, tokens, keys: jax.Array, sampling: SamplingConfig) -> np.ndarray:
+        """As `decode_greedy`, one token per key of `keys` [n] (typed PRNG keys): step i samples with keys[i]."""
+        return self._run_programs(tokens, int(keys.shape[0]), keys, sampling.as_arrays())
+
+    def _run_programs(self, tokens, num_steps: int, keys, sampling) -> np.ndarray:
         tokens, positions = self._decode_inputs(tokens)
         if self.state is None:
             raise SpardaError("prefill (or fill_synthetic) first")
@@ -358,6 +370,9 @@ class FusedOffloadEngine(OffloadEngine):
             raise SpardaError(f"context {self.max_len} cannot hold {num_steps} more tokens after "
                               f"{int(positions.max())}")
         s = self.sparse.block_size
+        program = self._programs[keys is not None]
+        if keys is not None:  # every program takes s keys (one shape, one compile): pad past the last step
+            keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (s,))])
         tokens = committed(tokens)
         programs = []
         while (done := sum(n for _, n in programs)) < num_steps:
@@ -365,8 +380,9 @@ class FusedOffloadEngine(OffloadEngine):
             self._flush_due(self.lengths)
             # No sequence may reach its next block boundary inside the program: the flush there needs the host.
             count = min(num_steps - done, int((s - self.lengths % s).min()))
-            out, self.state, counts = self._greedy_steps(self._params, self.state, tokens, tuple(self.hosts),
-                                                         np.int32(count))
+            step_keys = None if keys is None else jax.lax.dynamic_slice_in_dim(keys, np.int32(done), s)
+            out, self.state, counts = program(self._params, self.state, tokens, tuple(self.hosts), np.int32(count),
+                                              step_keys, sampling)
             dispatch = (time.perf_counter() - t0) / count
             for i in range(count):
                 step = StepStats(self._steps, "decode", float("nan"), dispatch_s=dispatch)
@@ -377,4 +393,3 @@ class FusedOffloadEngine(OffloadEngine):
             tokens = out[count - 1]
             programs.append((out, count))
         return np.concatenate([np.asarray(out)[:n] for out, n in programs])
-

@@ -1,10 +1,10 @@
-"""`decode_loop`: the one-step-ahead token loop shared by the resident and offload generators; `greedy_program_loop`:
-the fused engine's greedy loop of multi-step programs."""
+"""`decode_loop`: the one-step-ahead token loop shared by the resident and offload generators; `program_loop`:
+the fused engine's loop of multi-step programs."""
 
 import jax.numpy as jnp
 import numpy as np
 
-from infer.api import greedy_program_loop
+from infer.api import program_loop
 
 from sparda_jax.generation import decode_loop
 
@@ -40,31 +40,30 @@ def test_length_limit_enqueues_exactly_the_steps_it_uses():
     assert calls == [(1, 1), (2, 3)]
 
 
-class _ScriptedGreedyEngine:
-    """decode_greedy that plays a fixed token sequence (a block of 4) and records each program's (first token, steps)."""
+def _scripted_program(sequence):
+    """run_program that plays a fixed token sequence and records each program's (fed token, first index, steps)."""
+    calls = []
 
-    def __init__(self, sequence):
-        self.sparse = type("Sparse", (), {"block_size": 4})()
-        self.sequence, self.done, self.calls = sequence, 1, []
+    def run_program(token, index, n):
+        calls.append((token, index, n))
+        return np.asarray(sequence[index:index + n])
 
-    def decode_greedy(self, tokens, num_steps):
-        self.calls.append((int(tokens[0]), num_steps))
-        out = np.asarray(self.sequence[self.done:self.done + num_steps])[:, None]
-        self.done += num_steps
-        return out
+    return run_program, calls
 
 
-def test_greedy_programs_run_a_block_at_a_time_up_to_max_new_tokens():
-    engine = _ScriptedGreedyEngine(list(range(10, 30)))
+def test_programs_run_a_block_at_a_time_up_to_max_new_tokens():
+    run_program, calls = _scripted_program(list(range(10, 30)))
     streamed = []
-    ids, reason = greedy_program_loop(engine, 10, max_new_tokens=10, stop_ids=(), on_token=streamed.append)
+    ids, reason = program_loop(run_program, 10, max_new_tokens=10, block_size=4, stop_ids=(),
+                               on_token=streamed.append)
     assert (ids, reason) == (list(range(10, 20)), "length") and streamed == ids
-    # 9 decode steps after the prefill's token: programs of 4, 4, 1, each fed the previous program's last token
-    assert engine.calls == [(10, 4), (14, 4), (18, 1)]
+    # 9 decode steps after the prefill's token: programs of 4, 4, 1, each fed the previous program's last token and
+    # told the index of its first token (the sampling key it starts with)
+    assert calls == [(10, 1, 4), (14, 5, 4), (18, 9, 1)]
 
 
-def test_greedy_programs_stop_at_eos_inside_a_program():
-    engine = _ScriptedGreedyEngine([5, 6, 2, 7, 8, 9])
-    ids, reason = greedy_program_loop(engine, 5, max_new_tokens=6, stop_ids=(2,), on_token=None)
+def test_programs_stop_at_eos_inside_a_program():
+    run_program, calls = _scripted_program([5, 6, 2, 7, 8, 9])
+    ids, reason = program_loop(run_program, 5, max_new_tokens=6, block_size=4, stop_ids=(2,), on_token=None)
     assert (ids, reason) == ([5, 6], "eos")
-    assert engine.calls == [(5, 4)]  # the program ran past the stop token; its last steps are discarded
+    assert calls == [(5, 1, 4)]  # the program ran past the stop token; its last steps are discarded

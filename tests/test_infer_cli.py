@@ -31,6 +31,15 @@ def test_offload_matches_resident_sparda(capsys):
     assert misses[1] <= misses[0], misses
 
 
+def test_sampled_offload_matches_resident_sparda_with_the_same_seed(capsys):
+    """The offload path samples in multi-step programs, token i with key i of the seed, as the resident loop does."""
+    sampled = ("--temperature", "0.9", "--seed", "3")
+    ref, _ = _run_json(capsys, "--attention", "sparda", *sampled)
+    got, _ = _run_json(capsys, "--attention", "sparda", "--offload", *sampled)
+    greedy, _ = _run_json(capsys, "--attention", "sparda")
+    assert got["token_ids"] == ref["token_ids"] != greedy["token_ids"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--attention", "dense", "--offload"], "--offload needs --attention sparse or sparda"),
     (["--attention", "sparse", "--stats"], "only with --offload"),

@@ -130,7 +130,31 @@ def test_multi_step_greedy_decode_matches_resident_and_single_steps(tiny_engine_
         assert [(x.hits, x.tail_hits, x.misses, x.bytes) for x in m.resolve().layers] == \
                [(x.hits, x.tail_hits, x.misses, x.bytes) for x in o.resolve().layers], f"step {n}"
     assert sum(s.total("misses") for s in multi) > 0
-    assert eng._greedy_steps._cache_size() == 1  # every program length runs the same compile
+    assert eng._programs[False]._cache_size() == 1  # every program length runs the same compile
+
+
+def test_multi_step_sampling_draws_step_i_with_key_i(tiny_engine_model):
+    """decode_sampled gives the tokens of single fused steps sampled one at a time with the same keys (temperature
+    1, top-k 20, top-p 0.9), across a tail flush (sequence 1 reaches 320 at step 67)."""
+    from sparda_jax.sampling import SamplingConfig, sample
+
+    lengths, b, steps = np.array([300, 253]), 2, 75
+    tokens = np.random.default_rng(4).integers(0, tiny_engine_model.config.vocab_size, (b, 320)).astype(np.int32)
+    sampling = SamplingConfig(temperature=1.0, top_k=20, top_p=0.9)
+    keys = jax.random.split(jax.random.key(7), steps)
+    kw = dict(batch=b, max_len=1024, prefill_chunk=128, transfer="zero-copy")
+    with make_engine(tiny_engine_model, SPARSE, "sparda-offload", **kw) as eng, \
+            make_engine(tiny_engine_model, SPARSE, "sparda-offload", **kw) as single:
+        first = np.argmax(np.asarray(eng.prefill(tokens, lengths)), -1).astype(np.int32)
+        got = eng.decode_sampled(first, keys, sampling)
+        single.prefill(tokens, lengths)
+        want, token = [], first
+        for i in range(steps):
+            token = np.asarray(sample(single.decode(token), keys[i], *sampling.as_arrays()))
+            want.append(token)
+    np.testing.assert_array_equal(got, np.stack(want))
+    assert len({tuple(t) for t in got}) > steps // 2  # sampled, not a repeated greedy token
+    assert eng._programs[True]._cache_size() == 1 and eng._programs[False]._cache_size() == 0
 
 
 @pytest.mark.parametrize("on_gpu,xla_flags,expected", [
@@ -204,7 +228,7 @@ def test_unknown_graph_scheduling_is_a_clear_error(tiny_engine_model):
 @pytest.mark.parametrize("graph_scheduling,expected", [(None, None), ("CONCURRENT", "CONCURRENT")])
 def test_graph_scheduling_reaches_the_step_only_when_given(tiny_engine_model, monkeypatch, graph_scheduling,
                                                            expected):
-    """A per-jit compiler option overrides XLA_FLAGS, so by default the step (and the multi-step program) must not
+    """A per-jit compiler option overrides XLA_FLAGS, so by default the step (and the multi-step programs) must not
     pass one."""
     real_jit, seen = jax.jit, []
 
@@ -215,4 +239,4 @@ def test_graph_scheduling_reaches_the_step_only_when_given(tiny_engine_model, mo
     monkeypatch.setattr(jax, "jit", spy)
     make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=1, max_len=1024, transfer="zero-copy",
                 graph_scheduling=graph_scheduling)
-    assert [o.get("xla_gpu_command_buffer_scheduling_mode") for o in seen] == [expected, expected]
+    assert [o.get("xla_gpu_command_buffer_scheduling_mode") for o in seen] == [expected] * 3
