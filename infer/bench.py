@@ -125,9 +125,17 @@ def greedy():
     return jax.jit(lambda logits: jnp.argmax(logits, -1).astype(jnp.int32))
 
 
-def pipelined_steps(engine, token, n: int, multistep: bool):
+def pipelined_steps(engine, token, n: int, multistep: bool, sampled: bool = False):
     """n greedy steps with no host read between them: one `decode(block=False)` each, or (multistep) the fused
-    engine's `decode_greedy` programs. Returns the last token (on the device unless multistep)."""
+    engine's `decode_greedy` programs (`decode_sampled` at temperature 0.8, top-k 50, top-p 0.95 if sampled).
+    Returns the last token (on the device unless multistep)."""
+    if multistep and sampled:
+        import jax
+
+        from sparda_jax.sampling import SamplingConfig
+
+        keys = jax.random.split(jax.random.key(0), n)
+        return engine.decode_sampled(token, keys, SamplingConfig(temperature=0.8, top_k=50, top_p=0.95))[-1]
     if multistep:
         return engine.decode_greedy(token, n)[-1]
     for _ in range(n):
@@ -135,7 +143,8 @@ def pipelined_steps(engine, token, n: int, multistep: bool):
     return token
 
 
-def time_engine(engine, batch: int, warmup: int, steps: int, multistep: bool = False) -> Timing:
+def time_engine(engine, batch: int, warmup: int, steps: int, multistep: bool = False,
+                sampled: bool = False) -> Timing:
     tok = np.ones(batch, np.int32)
     t0 = time.perf_counter()
     engine.decode(tok)
@@ -147,11 +156,11 @@ def time_engine(engine, batch: int, warmup: int, steps: int, multistep: bool = F
         engine.decode(tok)
     st = engine.stats[n0:]
     # Two untimed pipelined steps compile `greedy` (or the multi-step program) and any recompile for device tokens.
-    token = pipelined_steps(engine, tok, 1, multistep)
-    jax_block(pipelined_steps(engine, token, 1, multistep))
+    token = pipelined_steps(engine, tok, 1, multistep, sampled)
+    jax_block(pipelined_steps(engine, token, 1, multistep, sampled))
     n1 = len(engine.stats)
     t0 = time.perf_counter()
-    jax_block(pipelined_steps(engine, token, steps, multistep))
+    jax_block(pipelined_steps(engine, token, steps, multistep, sampled))
     pipelined = (time.perf_counter() - t0) / steps
     return Timing(pipelined, float(np.median([s.seconds for s in st])),
                   float(np.median([s.dispatch_s for s in engine.stats[n1:]])), first, st)
@@ -161,7 +170,7 @@ def jax_block(x):
     return x.block_until_ready() if hasattr(x, "block_until_ready") else x
 
 
-def profile_engine(engine, batch: int, run: Run, out: Path, multistep: bool = False) -> None:
+def profile_engine(engine, batch: int, run: Run, out: Path, multistep: bool = False, sampled: bool = False) -> None:
     """PROFILE_STEPS more steps under the jax profiler (after the timed ones): their summary goes into `run`, the
     timeline into out/profiles/."""
     import tempfile
@@ -173,7 +182,7 @@ def profile_engine(engine, batch: int, run: Run, out: Path, multistep: bool = Fa
     token = greedy()(engine.decode(np.ones(batch, np.int32)))
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            jax_block(pipelined_steps(engine, token, PROFILE_STEPS, multistep))  # as time_engine's timed loop
+            jax_block(pipelined_steps(engine, token, PROFILE_STEPS, multistep, sampled))  # as time_engine's timed loop
         trace = load_trace(find_perfetto_trace(tmp))
     run.profile = summarize_trace(trace, PROFILE_STEPS)
     name = "_".join(str(x) for x in (run.shape, run.context, run.batch, run.mode, run.transfer, run.cache_slots,
@@ -223,11 +232,11 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
         eng.fill_synthetic(ctx, fill_store=False)
         r.cache_slots = eng.cache_slots
         phase("engine + synthetic fill")
-        multistep = "multistep" in variant
-        st = r.set_timing(time_engine(eng, batch, warmup, steps, multistep))
+        multistep, sampled = "multistep" in variant, "sampled" in variant
+        st = r.set_timing(time_engine(eng, batch, warmup, steps, multistep, sampled))
         phase("steps (compile included)")
         if profile_out is not None:
-            profile_engine(eng, batch, r, profile_out, multistep)
+            profile_engine(eng, batch, r, profile_out, multistep, sampled)
             phase("profile")
         if hasattr(eng, "_step"):
             r.step_compiles = eng._step._cache_size()
@@ -542,7 +551,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer configurations (fits one 10-minute call)")
     p.add_argument("--transfers", default="zero-copy,host-gather")
     p.add_argument("--variants", default="nofetch,stream,persistent,persistent+stream",
-                   help="zero-copy variants run at --extra-batches")
+                   help="zero-copy variants run at --extra-batches: '+'-joined words of nofetch, stream, persistent, "
+                   "table, concurrent, multistep, sampled (with multistep), cache4k (the 4k-slot cache)")
     p.add_argument("--extra-batches", default="", help="batches that also get the variants / 4k-slot cache "
                    "(default: 1 and the last of --batches)")
     p.add_argument("--multistep", action="store_true",
@@ -651,7 +661,9 @@ def main():
                             plan.append(("offload", "sparda-offload", b, tr, 4 * a.top_k_blocks,
                                          "table" if tr == "zero-copy" else ""))
                     if "zero-copy" in transfers:
-                        plan += [("offload", "sparda-offload", b, "zero-copy", 0, v)
+                        # a variant naming cache4k runs with the 4k-slot cache, the others with k slots
+                        plan += [("offload", "sparda-offload", b, "zero-copy",
+                                  4 * a.top_k_blocks if "cache4k" in v.split("+") else 0, v)
                                  for v in a.variants.split(",") if v]
             if a.multistep:
                 plan = [(kind, mode, b, tr, slots, "+".join(filter(None, (v, "multistep"))))

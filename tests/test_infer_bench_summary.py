@@ -91,11 +91,15 @@ def test_bench_modes_filter_and_multistep(tmp_path):
               "--max-batch", "1", "--host-gb", "0.01", "--top-k-blocks", "16", "--local-blocks", "4", "--transfers",
               "zero-copy", "--variants", "", "--extra-batches", "0", "--steps", "1", "--warmup", "1", "--prefill", "0",
               "--hf-peer", "0", "--skip-resident-max", "--out", str(tmp_path)]
-    proc = subprocess.run(common + ["--modes", "sparda-offload", "--multistep"], cwd=root, capture_output=True,
-                          text=True, timeout=600)
+    # a variant that already names its timing keeps it: sampled multi-step programs with the 4k-slot cache beside
+    # the greedy k-slot ones
+    proc = subprocess.run(common + ["--modes", "sparda-offload", "--multistep", "--extra-batches", "1", "--variants",
+                                    "cache4k+table+sampled+multistep", "--cache-warmup", "3"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = json.loads((tmp_path / "engine_bench_tiny.json").read_text())["runs"]
-    assert [(r["mode"], r["variant"]) for r in runs] == [("sparda-offload", "multistep")]
+    assert [(r["mode"], r["variant"], r["cache_slots"]) for r in runs] == [
+        ("sparda-offload", "multistep", 16), ("sparda-offload", "cache4k+table+sampled+multistep", 64)]
     assert all(not r["error"] and r["tok_s"] > 0 and r["step_compiles"] == 1 for r in runs)
     bad = subprocess.run(common + ["--modes", "sparda,offload"], cwd=root, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown mode(s) offload" in bad.stderr.strip().splitlines()[-1]
