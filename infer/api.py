@@ -66,11 +66,14 @@ def generate(model: Transformer, sparse: SparseConfig, mode: str, prompt_ids: li
 
             t0 = time.perf_counter()
             if hasattr(engine, "decode_sampled"):  # the fused engine: token i still samples with keys[i]
+                key_rows = np.asarray(jax.random.key_data(keys))  # sliced on the host: no compile per length
+
                 def run_program(token: int, index: int, n: int) -> np.ndarray:
                     fed = np.asarray([token], np.int32)
                     if sampling.temperature == 0:
                         return engine.decode_greedy(fed, n)[:, 0]
-                    return engine.decode_sampled(fed, keys[index:index + n], sampling)[:, 0]
+                    return engine.decode_sampled(fed, jax.random.wrap_key_data(key_rows[index:index + n]),
+                                                 sampling)[:, 0]
 
                 new_ids, stop_reason = program_loop(run_program, int(first[0]), max_new_tokens=max_new_tokens,
                                                     block_size=sparse.block_size, stop_ids=stop_ids,

@@ -134,7 +134,8 @@ def pipelined_steps(engine, token, n: int, multistep: bool, sampled: bool = Fals
 
         from sparda_jax.sampling import SamplingConfig
 
-        keys = jax.random.split(jax.random.key(0), n)
+        # Built on the host: jax.random.split would compile for each new n inside the timed call.
+        keys = jax.random.wrap_key_data(np.stack([np.zeros(n), np.arange(n)], 1).astype(np.uint32))
         return engine.decode_sampled(token, keys, SamplingConfig(temperature=0.8, top_k=50, top_p=0.95))[-1]
     if multistep:
         return engine.decode_greedy(token, n)[-1]

@@ -1,6 +1,8 @@
 """The fused device-resident offload step (infer/fused.py, transfer 'zero-copy'): logits equal the resident model
 at every step, and the device slot map's misses equal the host `SlotMap` on the same selections."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,7 +135,7 @@ def test_multi_step_greedy_decode_matches_resident_and_single_steps(tiny_engine_
     assert eng._programs[False]._cache_size() == 1  # every program length runs the same compile
 
 
-def test_multi_step_sampling_draws_step_i_with_key_i(tiny_engine_model):
+def test_multi_step_sampling_draws_step_i_with_key_i(tiny_engine_model, caplog):
     """decode_sampled gives the tokens of single fused steps sampled one at a time with the same keys (temperature
     1, top-k 20, top-p 0.9), across a tail flush (sequence 1 reaches 320 at step 67)."""
     from sparda_jax.sampling import SamplingConfig, sample
@@ -152,6 +154,13 @@ def test_multi_step_sampling_draws_step_i_with_key_i(tiny_engine_model):
         for i in range(steps):
             token = np.asarray(sample(single.decode(token), keys[i], *sampling.as_arrays()))
             want.append(token)
+        # New lengths compile nothing, not even the keys' padding and slicing around the program (on the H200
+        # those eager compiles cost 17 ms per step of a 32-step call).
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+            for n in (3, 5):
+                eng.decode_sampled(got[-1], jax.random.wrap_key_data(np.arange(2 * n, dtype=np.uint32).reshape(n, 2)),
+                                   sampling)
+        assert not [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     np.testing.assert_array_equal(got, np.stack(want))
     assert len({tuple(t) for t in got}) > steps // 2  # sampled, not a repeated greedy token
     assert eng._programs[True]._cache_size() == 1 and eng._programs[False]._cache_size() == 0
