@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sparda_jax.errors import SpardaError
-from sparda_jax.sampling import SamplingConfig, sample
+from sparda_jax.sampling import SamplingConfig, filter_logits, sample
 
 LOGITS = jnp.log(jnp.asarray([[0.4, 0.35, 0.15, 0.1]]))
 
@@ -60,3 +60,31 @@ def test_same_seed_same_samples_other_seed_other_samples():
 def test_bad_settings_are_clear_errors(kwargs):
     with pytest.raises(SpardaError):
         SamplingConfig(**kwargs)
+
+
+def reference_kept(logits, temperature, top_k, top_p):
+    """numpy, by sorting: the tokens top-k then top-p (on the tempered distribution) keep."""
+    keep = np.ones(logits.shape, bool)
+    if top_k:
+        keep = logits >= np.sort(logits)[::-1][top_k - 1]
+    scaled = np.where(keep, logits / temperature, -np.inf)
+    p = np.exp(scaled - scaled.max())
+    p /= p.sum()
+    order = np.argsort(-scaled, kind="stable")
+    mass_before = np.cumsum(p[order]) - p[order]
+    cutoff = scaled[order][mass_before < top_p].min()
+    return keep & (scaled >= cutoff) if top_p < 1 else keep
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.9), (0.7, 50, 1.0), (1.3, 20, 0.5), (0.8, 0, 0.05),
+                                                     (1.0, 1, 0.9), (2.0, 500, 0.99)])
+def test_filter_matches_a_sorting_reference(temperature, top_k, top_p):
+    # Rounded logits so that ties, also at the k-th value and the top-p cutoff, occur; one row has -inf entries.
+    rng = np.random.default_rng(top_k)
+    logits = np.round(rng.normal(0, 3, (4, 3000)), 1).astype(np.float32)
+    logits[1, ::7] = -np.inf
+    got = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), *SamplingConfig(temperature, top_k,
+                                                                                    top_p).as_arrays())))
+    for row, kept in zip(logits, got):
+        want = reference_kept(row, temperature, top_k, top_p)
+        assert kept.sum() > 0 and (kept == want).all(), (kept.sum(), want.sum())
