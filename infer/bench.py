@@ -554,6 +554,7 @@ def main():
     p.add_argument("--variants", default="nofetch,stream,persistent,persistent+stream",
                    help="zero-copy variants run at --extra-batches: '+'-joined words of nofetch, stream, persistent, "
                    "table, concurrent, multistep, sampled (with multistep), cache4k (the 4k-slot cache)")
+    p.add_argument("--only-variants", action="store_true", help="of the offload runs, only the --variants ones")
     p.add_argument("--extra-batches", default="", help="batches that also get the variants / 4k-slot cache "
                    "(default: 1 and the last of --batches)")
     p.add_argument("--multistep", action="store_true",
@@ -666,6 +667,8 @@ def main():
                         plan += [("offload", "sparda-offload", b, "zero-copy",
                                   4 * a.top_k_blocks if "cache4k" in v.split("+") else 0, v)
                                  for v in a.variants.split(",") if v]
+            if a.only_variants:
+                plan = [x for x in plan if x[0] == "resident" or (x[5] and x[5] in a.variants.split(","))]
             if a.multistep:
                 plan = [(kind, mode, b, tr, slots, "+".join(filter(None, (v, "multistep"))))
                         if tr == "zero-copy" and v in ("", "table") else (kind, mode, b, tr, slots, v)

@@ -101,5 +101,12 @@ def test_bench_modes_filter_and_multistep(tmp_path):
     assert [(r["mode"], r["variant"], r["cache_slots"]) for r in runs] == [
         ("sparda-offload", "multistep", 16), ("sparda-offload", "cache4k+table+sampled+multistep", 64)]
     assert all(not r["error"] and r["tok_s"] > 0 and r["step_compiles"] == 1 for r in runs)
+    proc = subprocess.run(common + ["--modes", "sparda-offload", "--only-variants", "--variants",
+                                    "concurrent+multistep", "--extra-batches", "1"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads((tmp_path / "engine_bench_tiny.json").read_text())["runs"]
+    assert [(r["mode"], r["variant"], r["cache_slots"]) for r in runs] == [
+        ("sparda-offload", "concurrent+multistep", 16)]
     bad = subprocess.run(common + ["--modes", "sparda,offload"], cwd=root, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown mode(s) offload" in bad.stderr.strip().splitlines()[-1]
