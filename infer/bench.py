@@ -195,7 +195,7 @@ def profile_engine(engine, batch: int, run: Run, out: Path, multistep: bool = Fa
 def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfer, cache_slots, warmup, steps,
                 variant="", replay="trace", profile_out: Path | None = None, cache_warmup: int = 32):
     from infer.engine import OffloadEngine
-    from infer.fused import FusedOffloadEngine
+    from infer.fused import GRAPH_SCHEDULING, FusedOffloadEngine
     from infer.locality import ReplaySelector, device_replay, replay_trace, trace_hook
 
     c = model.config
@@ -221,11 +221,12 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
         else:
             hook, hstate = device_replay(*replay_args)
         phase("selection replay")
+        words = variant.split("+")
         eng = FusedOffloadEngine(model, sparse, selection_hook=hook, hook_state=hstate, stream="stream" in variant,
                                  fetch=variant != "nofetch",
                                  fill_kernel="persistent" if "persistent" in variant else "grid",
                                  slot_lookup="table" if "table" in variant else "compare",
-                                 graph_scheduling="CONCURRENT" if "concurrent" in variant else None, **kw)
+                                 graph_scheduling=next((g for g in GRAPH_SCHEDULING if g.lower() in words), None), **kw)
     else:
         replay = ReplaySelector(stats, c.num_layers, batch, c.num_kv_heads, sparse.top_k_blocks, sparse.local_blocks)
         eng = OffloadEngine(model, sparse, transfer=transfer, selection_override=replay, gather_threads=12, **kw)
@@ -553,7 +554,8 @@ def main():
     p.add_argument("--transfers", default="zero-copy,host-gather")
     p.add_argument("--variants", default="nofetch,stream,persistent,persistent+stream",
                    help="zero-copy variants run at --extra-batches: '+'-joined words of nofetch, stream, persistent, "
-                   "table, concurrent, multistep, sampled (with multistep), cache4k (the 4k-slot cache)")
+                   "table, concurrent or lhs (the CUDA graph order; default LHS for a step, CONCURRENT for a "
+                   "multi-step program), multistep, sampled (with multistep), cache4k (the 4k-slot cache)")
     p.add_argument("--only-variants", action="store_true", help="of the offload runs, only the --variants ones")
     p.add_argument("--extra-batches", default="", help="batches that also get the variants / 4k-slot cache "
                    "(default: 1 and the last of --batches)")

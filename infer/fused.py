@@ -110,7 +110,10 @@ FILL_KERNELS = ("grid", "persistent")
 # XLA's order for the commands of the step's CUDA graph (`xla_gpu_command_buffer_scheduling_mode`): "LHS" (XLA's
 # default) follows the schedule on one stream; "CONCURRENT" links commands only where their buffers conflict, meant
 # to let layer l+1's fills (they write only layer l+1's pool) run beside layer l's attention and MLP. Measured (H200,
-# 32K B=8): it overlaps 6.4 ms a step but the enqueue grows to 14 ms, 537 against 700 tok/s with LHS.
+# 32K B=8): for a single step it overlaps 6.4 ms but the enqueue grows to 14 ms, 537 against 700 tok/s with LHS;
+# inside a multi-step program the enqueue is paid once per program and CONCURRENT wins (H200, 2026-12-03, greedy,
+# 4k-slot table cache: 32K B=1 162.2 against 145.9 tok/s, 32K B=8 1164.6 against 1069.3, 128K B=8 1080.1 against
+# 967.6), so the programs use it unless told otherwise.
 GRAPH_SCHEDULING = ("LHS", "CONCURRENT")
 
 
@@ -121,12 +124,18 @@ LOOP_GRAPH_COMMANDS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONA
 
 
 def multi_step_options(step_options: dict, on_gpu: bool, xla_flags: str | None = None) -> dict:
-    """The multi-step program's compiler options: the step's, plus LOOP_GRAPH_COMMANDS on a GPU unless XLA_FLAGS
-    sets the command-buffer types itself (a per-jit option would override it)."""
+    """The multi-step program's compiler options: the step's, plus (on a GPU) LOOP_GRAPH_COMMANDS and the
+    CONCURRENT graph order, each unless the step's options or XLA_FLAGS set it (a per-jit option would override
+    XLA_FLAGS)."""
     xla_flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
-    if not on_gpu or "xla_gpu_enable_command_buffer=" in xla_flags:
-        return dict(step_options)
-    return {**step_options, "xla_gpu_enable_command_buffer": LOOP_GRAPH_COMMANDS}
+    options = dict(step_options)
+    if not on_gpu:
+        return options
+    if "xla_gpu_enable_command_buffer=" not in xla_flags:
+        options["xla_gpu_enable_command_buffer"] = LOOP_GRAPH_COMMANDS
+    if "xla_gpu_command_buffer_scheduling_mode=" not in xla_flags:
+        options.setdefault("xla_gpu_command_buffer_scheduling_mode", "CONCURRENT")
+    return options
 
 
 def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector: str,
@@ -230,8 +239,9 @@ class FusedOffloadEngine(OffloadEngine):
     GPU stream (`compute_on('gpu_stream:1')`). fill_kernel: one of FILL_KERNELS. slot_lookup: one of SLOT_LOOKUPS
     (see `slot_diff`) or "auto": the table where the pool holds more than k blocks (H200, 32K B=8, 4k slots:
     8.27 ms per step against 11.42 with compare), compare at k slots (7.73 vs 7.74 ms at B=1; one table less per
-    layer). graph_scheduling: one of GRAPH_SCHEDULING (GPU only), or None for XLA's own setting (XLA_FLAGS or its
-    default): a per-jit option would override XLA_FLAGS. fetch=False skips the fills (timing only: results are
+    layer). graph_scheduling: one of GRAPH_SCHEDULING (GPU only) for the step and the programs, or None for
+    XLA_FLAGS' setting, else XLA's default (LHS) for the step and CONCURRENT for the programs: a per-jit option would
+    override XLA_FLAGS. fetch=False skips the fills (timing only: results are
     wrong).
     """
 

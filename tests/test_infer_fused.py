@@ -174,6 +174,12 @@ def test_multi_step_program_puts_its_loop_in_the_graph_unless_xla_flags_decide(o
     assert options["xla_gpu_command_buffer_scheduling_mode"] == "LHS"
 
 
+@pytest.mark.parametrize("on_gpu,xla_flags,expected", [
+    (True, "", "CONCURRENT"), (True, "--xla_gpu_command_buffer_scheduling_mode=LHS", None), (False, "", None)])
+def test_multi_step_program_orders_its_graph_concurrently_unless_told_otherwise(on_gpu, xla_flags, expected):
+    assert multi_step_options({}, on_gpu, xla_flags).get("xla_gpu_command_buffer_scheduling_mode") == expected
+
+
 @pytest.mark.parametrize("num_steps,match", [(0, "num_steps must be >= 1"), (200, "cannot hold 200 more")])
 def test_multi_step_greedy_decode_rejects_bad_step_counts(tiny_engine_model, num_steps, match):
     with make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=1, max_len=384, prefill_chunk=128,

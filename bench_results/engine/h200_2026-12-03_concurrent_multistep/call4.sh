@@ -1,0 +1,22 @@
+#!/bin/bash
+# H200 run 2026-12-03 (second session), call 4: the new default (CONCURRENT graph order in the multi-step programs)
+# for sparse-offload and sparda-offload alike, 32K B=8 and B=1
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 PYTHONPATH=.
+nvidia-smi --query-gpu=name --format=csv,noheader
+B=(--shapes paper8b --warmup 3 --prefill 0 --hf-peer 0 --host-gb 60 --transfers zero-copy --steps 32 --skip-resident-max
+   --cache4k --cache4k-max-rows 16 --multistep --max-batch 8)
+run() {
+  local name=$1 secs=$2; shift 2
+  echo "=== $name $(date -u +%T)"
+  timeout $((secs + 40)) env "$@" --budget-s $secs --out /tmp/r/$name > /tmp/r/$name.log 2>&1
+  echo "rc $? $(date -u +%T)"; grep "tok/s\|largest\|summary\|rror" /tmp/r/$name.log | cut -c1-400
+  cp /tmp/r/$name/engine_bench*.json $OUT/$name.json 2>/dev/null
+  cp /tmp/r/$name/decode_paper8b.png $OUT/$name.png 2>/dev/null
+  for f in /tmp/r/$name/profiles/*.png; do [ -e "$f" ] && cp "$f" $OUT/${name}_$(basename $f | tr "+" "_"); done
+}
+mkdir -p /tmp/r
+run default_32k_b8 230 python3 -m infer.bench "${B[@]}" --contexts 32768 --batches 8 --extra-batches 8 \
+  --modes sparse-offload,sparda-offload --variants ""
+run default_32k_b1 210 python3 -m infer.bench "${B[@]}" --contexts 32768 --batches 1 --max-batch 1 --extra-batches 1 \
+  --modes sparse-offload,sparda-offload --variants ""
+cat /tmp/r/*.log | gzip > $OUT/logs.txt.gz
