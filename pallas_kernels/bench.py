@@ -614,15 +614,16 @@ def _print_decode(rows, header=True):
         )
     for r in rows:
         note = r.get("skipped") or r.get("error") or (json.dumps(r["config"]) if r.get("config") else "")
+        where = f"{r['impl']:<11} {r['batch']:>3} {r['context']:>7} {r['kv_heads']:>3}"
         if "us" in r:
             print(
-                f"{r['impl']:<11} {r['batch']:>3} {r['context']:>7} {r['kv_heads']:>3} {r['q_heads'] // r['kv_heads']:>3} "
+                f"{where} {r['q_heads'] // r['kv_heads']:>3} "
                 f"{r['us']:>9.1f} {r['bytes'] / 1e6:>9.1f} {r['gbps']:>7.0f} {r['pct_peak']:>5.1f}% "
                 f"{(format(r['rel_err'], '.1e') if 'rel_err' in r else '-'):>8}  {note}"
             )
         else:
             print(
-                f"{r['impl']:<11} {r['batch']:>3} {r['context']:>7} {r['kv_heads']:>3} {'':>3} {'-':>9} {'':>9} {'':>7} "
+                f"{where} {'':>3} {'-':>9} {'':>9} {'':>7} "
                 f"{'':>6}  {note}"
             )
 

@@ -268,7 +268,8 @@ def _validate(q, k, v, block_ids, kv_len, block_size):
         raise ValueError(f"Tk={k.shape[2]} must be a multiple of block_size={block_size}")
     if block_ids.ndim != 4 or block_ids.shape[:3] != (batch, kv_heads, tq // block_size) or block_ids.shape[3] == 0:
         raise ValueError(
-            f"block_ids must be [B={batch}, KV={kv_heads}, Tq/block_size={tq // block_size}, N>0], got {block_ids.shape}"
+            f"block_ids must be [B={batch}, KV={kv_heads}, Tq/block_size={tq // block_size}, N>0], "
+            f"got {block_ids.shape}"
         )
     if kv_len.shape != (batch,):
         raise ValueError(f"kv_len must be [B={batch}], got shape {kv_len.shape}")

@@ -65,8 +65,8 @@ def test_bench_runs_end_to_end_on_cpu(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "infer.bench", "--shapes", "tiny", "--contexts", "2048", "--batches",
                            "1", "--max-batch", "1", "--host-gb", "0.01", "--top-k-blocks", "16", "--local-blocks", "4",
                            "--transfers", "zero-copy", "--variants", "nofetch,table", "--extra-batches", "1",
-                           "--steps", "1", "--warmup", "1", "--prefill", "0", "--hf-peer", "0", "--profile", "--cache4k",
-                           "--cache-warmup", "3",
+                           "--steps", "1", "--warmup", "1", "--prefill", "0", "--hf-peer", "0", "--profile",
+                           "--cache4k", "--cache-warmup", "3",
                            "--out", str(tmp_path)],
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

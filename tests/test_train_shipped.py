@@ -1,4 +1,5 @@
-"""The trained Forecast shipped for SmolLM2-135M-Instruct: found by default, loads, and is not the training-free init."""
+"""The trained Forecast shipped for SmolLM2-135M-Instruct: found by default, loads, and is not the training-free
+init."""
 
 import numpy as np
 

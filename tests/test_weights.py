@@ -174,7 +174,8 @@ def test_gguf_quantized_tensors_dequantize_close_to_originals(tmp_path):
     import gguf
 
     w = hf_weights(2)
-    quant = {"blk.0.attn_q.weight": gguf.GGMLQuantizationType.Q8_0, "blk.0.ffn_up.weight": gguf.GGMLQuantizationType.F16,
+    quant = {"blk.0.attn_q.weight": gguf.GGMLQuantizationType.Q8_0,
+             "blk.0.ffn_up.weight": gguf.GGMLQuantizationType.F16,
              "blk.1.attn_k.weight": gguf.GGMLQuantizationType.Q8_0, "token_embd.weight": gguf.GGMLQuantizationType.Q8_0}
     ckpt = load_checkpoint(write_gguf(tmp_path / "q.gguf", w, quant))
     for ours, theirs, tol in (("layers.0.q", "model.layers.0.self_attn.q_proj.weight", 0.01),

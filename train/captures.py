@@ -148,4 +148,5 @@ class CaptureStore:
                                   "recompute") from None
         stacked = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
         return SampledCaptures(*(stacked[k].astype(np.float32) for k in ("attn_input", "q", "kc")),
-                               stacked["positions"].astype(np.int32), self.settings["seq_len"] // self.settings["block_size"])
+                               stacked["positions"].astype(np.int32),
+                               self.settings["seq_len"] // self.settings["block_size"])

@@ -121,7 +121,8 @@ def _janeaustenr_dir() -> Path:
     candidates = []
     if os.environ.get("SPARDA_JANEAUSTENR"):
         candidates.append(Path(os.environ["SPARDA_JANEAUSTENR"]))
-    for lib in os.environ.get("R_LIBS", "").split(os.pathsep) + ["/usr/lib/R/site-library", "/usr/local/lib/R/site-library"]:
+    r_libs = os.environ.get("R_LIBS", "").split(os.pathsep)
+    for lib in r_libs + ["/usr/lib/R/site-library", "/usr/local/lib/R/site-library"]:
         if lib:
             candidates.append(Path(lib) / "janeaustenr")
     for c in candidates:
@@ -340,8 +341,9 @@ def prepare(spec: str, tokenizer, seq_len: int, *, heldout_fraction: float = 0.1
     """
     vocab = int(tokenizer.vocab_size)
     eos = int(tokenizer.eos_ids[0]) if tokenizer.eos_ids else 0
+    probe = tokenizer.encode("SparDA cache key: Hello, world 123.")
     key = hashlib.sha256(json.dumps([spec, seq_len, heldout_fraction, split_seed, vocab, eos,
-                                     tokenizer.encode("SparDA cache key: Hello, world 123.")]).encode()).hexdigest()[:16]
+                                     probe]).encode()).hexdigest()[:16]
     if cache_dir is not None:
         base = Path(cache_dir) / key
         if (base / "meta.json").exists():
