@@ -201,6 +201,7 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
     c = model.config
     stats = locality["modes"]["sparse-offload" if mode == "sparse-offload" else "sparda-offload"]
     r = Run(shape, mode, ctx, batch, transfer, cache_slots, variant=variant)
+    words = variant.split("+")  # the variant's '+'-joined words (see --variants)
     if (cache_slots or 0) > sparse.top_k_blocks:  # a block cache reaches its steady state only after many steps
         warmup = max(warmup, cache_warmup)
     kw = dict(mode=mode, batch=batch, max_len=store.num_blocks * 64, cache_slots=cache_slots, store=store)
@@ -221,11 +222,10 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
         else:
             hook, hstate = device_replay(*replay_args)
         phase("selection replay")
-        words = variant.split("+")
-        eng = FusedOffloadEngine(model, sparse, selection_hook=hook, hook_state=hstate, stream="stream" in variant,
+        eng = FusedOffloadEngine(model, sparse, selection_hook=hook, hook_state=hstate, stream="stream" in words,
                                  fetch=variant != "nofetch",
-                                 fill_kernel="persistent" if "persistent" in variant else "grid",
-                                 slot_lookup="table" if "table" in variant else "compare",
+                                 fill_kernel="persistent" if "persistent" in words else "grid",
+                                 slot_lookup="table" if "table" in words else "compare",
                                  graph_scheduling=next((g for g in GRAPH_SCHEDULING if g.lower() in words), None), **kw)
     else:
         replay = ReplaySelector(stats, c.num_layers, batch, c.num_kv_heads, sparse.top_k_blocks, sparse.local_blocks)
@@ -234,7 +234,7 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
         eng.fill_synthetic(ctx, fill_store=False)
         r.cache_slots = eng.cache_slots
         phase("engine + synthetic fill")
-        multistep, sampled = "multistep" in variant, "sampled" in variant
+        multistep, sampled = "multistep" in words, "sampled" in words
         st = r.set_timing(time_engine(eng, batch, warmup, steps, multistep, sampled))
         phase("steps (compile included)")
         if profile_out is not None:
