@@ -140,7 +140,7 @@ def multi_step_options(step_options: dict, on_gpu: bool, xla_flags: str | None =
 
 def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector: str,
                 sparse: SparseConfig, num_blocks: int, interpret: bool, stream: bool, fetch: bool, fill_kernel: str,
-                hook: DeviceSelectionHook | None):
+                fill_programs: int, hook: DeviceSelectionHook | None):
     model = nnx.merge(graphdef, jax.tree.unflatten(params_tree, params))
     c = model.config
     inv_freq = rope_frequencies(c)
@@ -164,7 +164,7 @@ def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector
             # a stream ("No ExecutionStreamId found for %call-start", H200, jax 0.11.2), where the grid kernel alone
             # ran on gpu_stream:1 (H100, same jax).
             args = compact_misses(src, dst)
-            run = functools.partial(fill_slots_persistent, interpret=interpret)
+            run = functools.partial(fill_slots_persistent, num_programs=fill_programs, interpret=interpret)
         else:
             args = (src, dst)
             run = functools.partial(fill_slots, interpret=interpret)
@@ -236,7 +236,8 @@ class FusedOffloadEngine(OffloadEngine):
     """`transfer='zero-copy'`: the fused device-resident decode step. Same constructor and API as OffloadEngine.
 
     selection_hook: a `DeviceSelectionHook` (benchmarks; runs inside the jit). stream: put the fills on a second
-    GPU stream (`compute_on('gpu_stream:1')`). fill_kernel: one of FILL_KERNELS. slot_lookup: one of SLOT_LOOKUPS
+    GPU stream (`compute_on('gpu_stream:1')`). fill_kernel: one of FILL_KERNELS; fill_programs: the persistent
+    kernel's program count (few leave SMs to the layer's compute; too few cannot keep PCIe busy). slot_lookup: one of SLOT_LOOKUPS
     (see `slot_diff`) or "auto": the table where the pool holds more than k blocks (H200, 32K B=8, 4k slots:
     8.27 ms per step against 11.42 with compare), compare at k slots (7.73 vs 7.74 ms at B=1; one table less per
     layer). graph_scheduling: one of GRAPH_SCHEDULING (GPU only) for the step and the programs, or None for
@@ -247,11 +248,14 @@ class FusedOffloadEngine(OffloadEngine):
 
     def __init__(self, model, sparse: SparseConfig, *, selection_hook: DeviceSelectionHook | None = None,
                  hook_state: Any = None, stream: bool = False, fetch: bool = True, fill_kernel: str = "grid",
-                 slot_lookup: str = "auto", graph_scheduling: str | None = None, **kwargs):
+                 fill_programs: int = 32, slot_lookup: str = "auto", graph_scheduling: str | None = None,
+                 **kwargs):
         if kwargs.get("selection_override") is not None:
             raise SpardaError("the fused engine takes a device selection_hook, not a host selection_override")
         if fill_kernel not in FILL_KERNELS:
             raise SpardaError(f"unknown fill kernel {fill_kernel!r} (choose from {', '.join(FILL_KERNELS)})")
+        if fill_programs < 1:
+            raise SpardaError(f"fill_programs must be >= 1, got {fill_programs}")
         if slot_lookup not in (*SLOT_LOOKUPS, "auto"):
             raise SpardaError(f"unknown slot lookup {slot_lookup!r} (choose from auto, {', '.join(SLOT_LOOKUPS)})")
         if graph_scheduling not in (None, *GRAPH_SCHEDULING):
@@ -274,7 +278,8 @@ class FusedOffloadEngine(OffloadEngine):
         if stream:
             opts["xla_gpu_experimental_stream_annotation"] = True
         step_kw = dict(selector=self.selector, sparse=sparse, num_blocks=self.num_blocks, interpret=not self.on_gpu,
-                       stream=stream, fetch=fetch, fill_kernel=fill_kernel, hook=selection_hook)
+                       stream=stream, fetch=fetch, fill_kernel=fill_kernel, fill_programs=fill_programs,
+                       hook=selection_hook)
         step = functools.partial(_fused_step, graphdef, params_tree, **step_kw)
         self._step = jax.jit(step, donate_argnums=(1,), compiler_options=opts or None)
         programs = {sampled: functools.partial(_fused_decode_steps, graphdef, params_tree, max_steps=sparse.block_size,

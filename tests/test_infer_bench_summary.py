@@ -24,6 +24,7 @@ def test_summary_ratios():
             _run("sparda-offload", 2, 0.008, "zero-copy", "nofetch", mb=520.0, slots=96),
             _run("sparda-offload", 2, 0.009, "zero-copy", slots=384),  # a cache larger than k: not the k-slot mode
             _run("sparda-offload", 2, 0.005, "zero-copy", "table", slots=384),
+            _run("sparse-offload", 2, 0.0125, "zero-copy", "table", slots=384),  # the baseline with the same cache
             _run("sparda-offload", 8, 0.016, "zero-copy", mb=52.0, slots=96),
             _run("sparda-offload", 8, 0.004, "zero-copy", "nofetch", slots=96),
             dict(_run("sparse", 8, 0.001), error="OOM"),
@@ -40,6 +41,8 @@ def test_summary_ratios():
     assert b2["exposed_copy_ms"] == pytest.approx(2.0)
     # the fastest block-cache run (table, 5 ms) against sparse-offload's 20 ms
     assert b2["cache_vs_sparse_offload"] == pytest.approx(4.0) and b2["cache_slots"] == 384
+    assert b2["cache_vs_cached_sparse_offload"] == pytest.approx(2.5)  # 12.5 ms with the same 384 slots
+    assert "cache_vs_cached_sparse_offload_multistep" not in b2  # no cached multi-step baseline
     assert b2["sparda_vs_sparse_offload_multistep"] == pytest.approx(1.28)
     assert b2["cache_vs_sparse_offload_multistep"] == pytest.approx(4.0)
     assert b2["step_vs_bound_multistep"] == pytest.approx(1.25) and b2["bound_term_multistep"] == "pcie"
@@ -72,9 +75,10 @@ def test_bench_runs_end_to_end_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "engine_bench_tiny.json").read_text())
     runs = {(r["mode"], r["variant"], r["cache_slots"]): r for r in result["runs"]}
-    # the 4k-slot cache (64 slots) runs with the table lookup only
+    # the 4k-slot cache (64 slots) runs with the table lookup only, for both offload modes
     assert set(runs) == {("sparse-offload", "", 16), ("sparda-offload", "", 16), ("sparda-offload", "nofetch", 16),
-                         ("sparda-offload", "table", 16), ("sparda-offload", "table", 64)}
+                         ("sparda-offload", "table", 16), ("sparda-offload", "table", 64),
+                         ("sparse-offload", "table", 64)}
     # the two slot lookups are one policy: the same selections hit and miss alike
     assert runs[("sparda-offload", "table", 16)]["hit_rate"] == runs[("sparda-offload", "", 16)]["hit_rate"]
     assert all(not r["error"] and r["tok_s"] > 0 and 0 < r["hit_rate"] <= 1 for r in runs.values())

@@ -25,18 +25,19 @@ def _record(layer, ids, positions, state):
 
 
 UNEVEN, ON_BOUNDARY = (300, 253), (320, 256)
+FILLS = {"grid": dict(fill_kernel="grid"), "persistent3": dict(fill_kernel="persistent", fill_programs=3)}
 
 
 @pytest.mark.parametrize("mode,fill_kernel,slot_lookup,cache_slots,prompt_lengths", [
     ("sparse", "grid", "compare", 4, UNEVEN), ("sparda", "grid", "compare", 4, UNEVEN),
-    ("sparda", "persistent", "compare", 4, UNEVEN), ("sparda", "grid", "table", 4, UNEVEN),
+    ("sparda", "persistent3", "compare", 4, UNEVEN), ("sparda", "grid", "table", 4, UNEVEN),
     ("sparse", "grid", "compare", 8, UNEVEN), ("sparse", "grid", "table", 8, UNEVEN),
     ("sparda", "grid", "compare", 4, ON_BOUNDARY)])
 def test_fused_matches_resident_and_slot_map(tiny_engine_model, mode, fill_kernel, slot_lookup, cache_slots,
                                              prompt_lengths):
     """cache_slots 4 = k (the paper's pool: every unused slot is a victim); 8 = an LRU block cache of 2k.
     ON_BOUNDARY: prompts that end on a block boundary (the first tail flush must skip the block the prefill
-    stored)."""
+    stored). persistent3: the persistent fill with 3 programs, so each loops over several misses."""
     lengths = np.array(prompt_lengths)  # two sequences of different lengths
     b, steps = 2, 70  # crosses block boundaries (tail flushes, compressed keys); k slots force evictions
     rng = np.random.default_rng(0)
@@ -45,7 +46,7 @@ def test_fused_matches_resident_and_slot_map(tiny_engine_model, mode, fill_kerne
     hook_state = tuple(jnp.zeros((b, tiny_engine_model.config.num_kv_heads, SPARSE.top_k_blocks), jnp.int32)
                        for _ in range(tiny_engine_model.config.num_layers))
     eng = make_engine(tiny_engine_model, SPARSE, mode + "-offload", batch=b, max_len=1024, prefill_chunk=128,
-                      transfer="zero-copy", selection_hook=_record, hook_state=hook_state, fill_kernel=fill_kernel,
+                      transfer="zero-copy", selection_hook=_record, hook_state=hook_state, **FILLS[fill_kernel],
                       slot_lookup=slot_lookup, cache_slots=cache_slots)
     assert isinstance(eng, FusedOffloadEngine)
     maps = [SlotMap(b, tiny_engine_model.config.num_kv_heads, 1024 // 64, cache_slots, 64)
@@ -228,16 +229,13 @@ def test_auto_slot_lookup_uses_the_table_only_for_a_pool_larger_than_k(tiny_engi
         assert eng.slot_lookup == expected
 
 
-def test_unknown_slot_lookup_is_a_clear_error(tiny_engine_model):
-    with pytest.raises(SpardaError, match="unknown slot lookup 'hash'"):
+@pytest.mark.parametrize("option,match", [(dict(slot_lookup="hash"), "unknown slot lookup 'hash'"),
+                                          (dict(graph_scheduling="random"), "unknown graph scheduling 'random'"),
+                                          (dict(fill_programs=0), "fill_programs must be >= 1, got 0")])
+def test_bad_engine_options_are_clear_errors(tiny_engine_model, option, match):
+    with pytest.raises(SpardaError, match=match):
         make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=1, max_len=1024, transfer="zero-copy",
-                    slot_lookup="hash")
-
-
-def test_unknown_graph_scheduling_is_a_clear_error(tiny_engine_model):
-    with pytest.raises(SpardaError, match="unknown graph scheduling 'random'"):
-        make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=1, max_len=1024, transfer="zero-copy",
-                    graph_scheduling="random")
+                    **option)
 
 
 @pytest.mark.parametrize("graph_scheduling,expected", [(None, None), ("CONCURRENT", "CONCURRENT")])

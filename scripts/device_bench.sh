@@ -1,0 +1,26 @@
+# Sourced by the device-call scripts under bench_results/ (`source scripts/device_bench.sh`), on the GPU machine.
+# bench NAME SECONDS ARGS...: runs `python3 -m infer.bench ARGS --budget-s SECONDS` into a scratch folder, prints its
+# result lines, and copies the JSON, the plot and the profile timelines to $OUT as NAME.json / NAME.png /
+# NAME_<profile>.png ('+' becomes '_': the device tool refuses names with '+'). bench_logs: all logs into
+# $OUT/logs.txt.gz (call it last).
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 PYTHONPATH=.
+BENCH_SCRATCH=$(mktemp -d)
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+
+bench() {
+  local name=$1 secs=$2; shift 2
+  local dir=$BENCH_SCRATCH/$name
+  echo "=== $name $(date -u +%T)"
+  # The budget stops the plan; the timeout only catches a hang (compiles of one run take up to ~70 s).
+  timeout $((secs + 60)) python3 -m infer.bench "$@" --budget-s "$secs" --out "$dir" > "$dir.log" 2>&1
+  echo "rc $? $(date -u +%T)"
+  grep "tok/s\|largest\|summary\|rror" "$dir.log" | cut -c1-400
+  cp "$dir"/engine_bench*.json "$OUT/$name.json" 2>/dev/null
+  cp "$dir"/decode_*.png "$OUT/$name.png" 2>/dev/null
+  for f in "$dir"/profiles/*.png; do [ -e "$f" ] && cp "$f" "$OUT/${name}_$(basename "$f" | tr '+' '_')"; done
+  return 0
+}
+
+bench_logs() {
+  cat "$BENCH_SCRATCH"/*.log | gzip > "$OUT/logs.txt.gz"
+}
