@@ -225,8 +225,9 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
         # "persistent" or "persistentN": the persistent fill kernel with 32 or N programs
         persistent = [int(w.removeprefix("persistent") or 32) for w in words if w.startswith("persistent")]
         eng = FusedOffloadEngine(model, sparse, selection_hook=hook, hook_state=hstate, stream="stream" in words,
-                                 fetch=variant != "nofetch", fill_kernel="persistent" if persistent else "grid",
+                                 fetch="nofetch" not in words, fill_kernel="persistent" if persistent else "grid",
                                  fill_programs=persistent[0] if persistent else 32,
+                                 keep_fill_inputs="nokeep" not in words,
                                  slot_lookup="table" if "table" in words else "compare",
                                  graph_scheduling=next((g for g in GRAPH_SCHEDULING if g.lower() in words), None), **kw)
     else:
@@ -313,15 +314,16 @@ def fill_probe(out: dict) -> None:
     out["fill_probe"] = res
 
 
-def resident_run(model, sparse, shape, mode, ctx, batch, warmup, steps, profile_out: Path | None = None):
+def resident_run(model, sparse, shape, mode, ctx, batch, warmup, steps, profile_out: Path | None = None,
+                 multistep: bool = False):
     from infer.engine import ResidentEngine
 
-    r = Run(shape, mode, ctx, batch)
+    r = Run(shape, mode, ctx, batch, variant="multistep" if multistep else "")
     eng = ResidentEngine(model, sparse, mode=mode, batch=batch, max_len=ctx + 256)
     eng.fill_synthetic(ctx)
-    r.set_timing(time_engine(eng, batch, warmup, steps))
+    r.set_timing(time_engine(eng, batch, warmup, steps, multistep))
     if profile_out is not None:
-        profile_engine(eng, batch, r, profile_out)
+        profile_engine(eng, batch, r, profile_out, multistep)
     r.tok_s = batch / r.step_s
     r.step_compiles = eng._run._cache_size()
     del eng
@@ -416,7 +418,8 @@ def _goal_ratios(row, runs, find, shape, ctx, b, k, multi: str, pcie_gbps: float
     sd = find(shape, ctx, b, "sparda-offload", "zero-copy", multi)
     ss = find(shape, ctx, b, "sparse-offload", "zero-copy", multi)
     nf = find(shape, ctx, b, "sparda-offload", "zero-copy", "nofetch")
-    res = find(shape, ctx, b, "sparda")
+    # a multi-step run's bound: the multi-step resident run, else (not run) the resident run's single steps
+    res = find(shape, ctx, b, "sparda", "", multi) or (multi and find(shape, ctx, b, "sparda"))
     if sd and ss:
         row[key("sparda_vs_sparse_offload")] = sd["tok_s"] / ss["tok_s"]
     cached = [r for r in runs if (r["shape"], r["context"], r["batch"], r["mode"], r["transfer"]) ==
@@ -433,15 +436,19 @@ def _goal_ratios(row, runs, find, shape, ctx, b, k, multi: str, pcie_gbps: float
                  and ("multistep" in r["variant"]) == bool(multi)]
     if cached_ss:
         row[key("cache_vs_cached_sparse_offload")] = fastest["tok_s"] / max(r["tok_s"] for r in cached_ss)
-    if sd:
-        gpu = res["step_s"] if res else (nf["step_s"] if nf else None)
-        if gpu:
+    gpu = res["step_s"] if res else (nf["step_s"] if nf else None)
+    if gpu:
+        for name, run in (("step_vs_bound", sd), ("cache_step_vs_bound", fastest)):
+            if run:
+                pcie = run["mb_per_step"] / 1e3 / pcie_gbps
+                row[key(name)] = run["step_s"] / max(gpu, pcie)
+        if sd:
             pcie = sd["mb_per_step"] / 1e3 / pcie_gbps
-            row[key("step_vs_bound")] = sd["step_s"] / max(gpu, pcie)
-            row[key("bound_from")] = "resident sparda" if res else "nofetch"  # where the GPU-only step came from
+            # where the GPU-only step came from
+            row[key("bound_from")] = ("resident sparda " + (res["variant"] or "single steps")) if res else "nofetch"
             row[key("bound_term")] = "pcie" if pcie > gpu else "gpu step"
-        if nf and not multi:
-            row["exposed_copy_ms"] = (sd["step_s"] - nf["step_s"]) * 1e3
+    if sd and nf and not multi:
+        row["exposed_copy_ms"] = (sd["step_s"] - nf["step_s"]) * 1e3
 
 
 def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
@@ -449,8 +456,9 @@ def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
 
     sparda_vs_sparse_offload: tok/s ratio of the two offload modes (zero-copy, k slots). step_vs_bound: sparda-offload
     step / max(GPU-only step, missed bytes / pcie_gbps), with the GPU-only step taken from the resident sparda run at
-    the same batch when it fits, else from the `nofetch` variant (same program, fills skipped); bound_term says which
-    of the two is larger. exposed_copy_ms:
+    the same batch when it fits (timed the same way when there is one, in bound_from), else from the `nofetch`
+    variant (same program, fills skipped); bound_term says which of the two is larger; cache_step_vs_bound: the
+    same for the fastest block-cache run. exposed_copy_ms:
     step - nofetch step. cache_vs_sparse_offload: the fastest sparda-offload run with a block cache (more slots than
     k, any lookup) against sparse-offload, its slots in cache_slots; cache_vs_cached_sparse_offload: the same run
     against sparse-offload with a cache of as many slots. Runs of `--multistep` (variant "multistep",
@@ -475,15 +483,18 @@ def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
                 _goal_ratios(row, runs, find, shape, ctx, b, k, multi, pcie_gbps)
             if len(row) > 3:
                 out.append(row)
-        tops = {m: max((r["tok_s"] for r in runs if (r["shape"], r["context"], r["mode"]) == (shape, ctx, m)
-                        and not r["variant"] and r["cache_slots"] <= k), default=0.0)
-                for m in ("sparse", "sparda-offload")}
-        if all(tops.values()):
-            # The largest-batch goal when each mode's largest feasible batch was among the runs.
-            out.append(dict(shape=shape, context=ctx, best_throughput_ratio=tops["sparda-offload"] / tops["sparse"],
-                            sparda_offload_best_tok_s=tops["sparda-offload"], sparse_resident_best_tok_s=tops["sparse"],
-                            batches_run=sorted({r["batch"] for r in runs
-                                                if (r["shape"], r["context"]) == (shape, ctx)})))
+        for multi in ("", "multistep"):
+            tops = {m: max((r["tok_s"] for r in runs if (r["shape"], r["context"], r["mode"]) == (shape, ctx, m)
+                            and r["variant"] == multi and r["cache_slots"] <= k), default=0.0)
+                    for m in ("sparse", "sparda-offload")}
+            if all(tops.values()):
+                # The largest-batch goal when each mode's largest feasible batch was among the runs.
+                out.append(dict(shape=shape, context=ctx, timing=multi or "single steps",
+                                best_throughput_ratio=tops["sparda-offload"] / tops["sparse"],
+                                sparda_offload_best_tok_s=tops["sparda-offload"],
+                                sparse_resident_best_tok_s=tops["sparse"],
+                                batches_run=sorted({r["batch"] for r in runs
+                                                    if (r["shape"], r["context"]) == (shape, ctx)})))
     return out
 
 
@@ -564,7 +575,7 @@ def main():
     p.add_argument("--transfers", default="zero-copy,host-gather")
     p.add_argument("--variants", default="nofetch,stream,persistent,persistent+stream",
                    help="zero-copy variants run at --extra-batches: '+'-joined words of nofetch, stream, persistent "
-                   "(or persistentN: N fill programs, default 32), "
+                   "(or persistentN: N fill programs, default 32), nokeep (keep_fill_inputs=False), "
                    "table, concurrent or lhs (the CUDA graph order; default LHS for a step, CONCURRENT for a "
                    "multi-step program), multistep, sampled (with multistep), cache4k (the 4k-slot cache)")
     p.add_argument("--only-variants", action="store_true", help="of the offload runs, only the --variants ones")
@@ -683,9 +694,9 @@ def main():
                                  for v in a.variants.split(",") if v]
             if a.only_variants:
                 plan = [x for x in plan if x[0] == "resident" or (x[5] and x[5] in a.variants.split(","))]
-            if a.multistep:
+            if a.multistep:  # resident runs too: the bound of a multi-step run is a multi-step resident run
                 plan = [(kind, mode, b, tr, slots, "+".join(filter(None, (v, "multistep"))))
-                        if tr == "zero-copy" and v in ("", "table") else (kind, mode, b, tr, slots, v)
+                        if tr in ("zero-copy", "") and v in ("", "table") else (kind, mode, b, tr, slots, v)
                         for kind, mode, b, tr, slots, v in plan]
             if b_res >= 1 and b_res not in [x[2] for x in plan] and not a.skip_resident_max:
                 plan += [("resident", "sparse", b_res, "", 0, ""), ("resident", "sparda", b_res, "", 0, "")]
@@ -703,7 +714,7 @@ def main():
                 try:
                     if kind == "resident":
                         r = resident_run(model, sparse, shape, mode, ctx, b, a.warmup, a.steps,
-                                         out if a.profile else None)
+                                         out if a.profile else None, "multistep" in variant)
                     else:
                         r = offload_run(model, sparse, shape, mode, ctx, b, store, locality, transfer, slots or None,
                                         a.warmup, a.steps, variant, a.replay, out if a.profile else None,

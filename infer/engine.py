@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from infer.host_store import HostKVStore
+from infer.programs import multi_step_options
 from infer.slots import Plan, SlotMap
 from infer.telemetry import LayerStats, StepStats
 from infer.transfer import HostGatherFetcher
@@ -38,6 +39,9 @@ ENGINE_MODES = ("dense", "sparse", "sparse-offload", "sparda", "sparda-offload")
 OFFLOAD_MODES = ("sparse-offload", "sparda-offload")
 TRANSFERS = ("host-gather", "zero-copy")
 DEFAULT_TRANSFER = "zero-copy"  # the fused step: 7-10x the layer-wise host-gather path on the H100 (README_SECTION.md)
+
+# Steps per resident multi-step program (`ResidentEngine.decode_greedy`): as many as the fused engine's longest.
+RESIDENT_PROGRAM_STEPS = 64
 
 # (layer, ids [B, KV, k] numpy, positions [B]) -> ids; benchmarks replace random-weight selections with it.
 SelectionOverride = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
@@ -496,7 +500,22 @@ class ResidentEngine:
             model = nnx.merge(graphdef, jax.tree.unflatten(params_tree, params))
             return model(tokens, cache, mode=mode, sparse=sparse, lengths=lengths)
 
+        def greedy_steps(params, tokens, cache, num_steps):
+            model = nnx.merge(graphdef, jax.tree.unflatten(params_tree, params))
+
+            def body(i, carry):
+                tokens, cache, out = carry
+                logits, cache = model(tokens[:, None], cache, mode=mode, sparse=sparse)
+                tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+                return tokens, cache, out.at[i].set(tokens)
+
+            out = jnp.full((RESIDENT_PROGRAM_STEPS, batch), -1, jnp.int32)
+            _, cache, out = jax.lax.fori_loop(0, num_steps, body, (tokens, cache, out))
+            return out, cache
+
         self._run = jax.jit(run, donate_argnums=(2,))
+        self._greedy = jax.jit(greedy_steps, donate_argnums=(2,),
+                               compiler_options=multi_step_options({}, jax.default_backend() == "gpu") or None)
         self.stats: list[StepStats] = []
         self._steps = 0
 
@@ -509,6 +528,28 @@ class ResidentEngine:
         """block=False returns at once (the step runs asynchronously): feed the next step device-side tokens and
         the host's dispatch overlaps the GPU's step."""
         return self._timed("decode", batch_tokens(tokens, self.batch)[:, None], None, block)
+
+    def decode_greedy(self, tokens, num_steps: int) -> np.ndarray:
+        """`num_steps` greedy tokens per sequence, [num_steps, B] (waits for them): programs of up to
+        RESIDENT_PROGRAM_STEPS steps, each a loop inside one jit, as the fused offload engine's `decode_greedy` (the
+        like-for-like resident timing for its multi-step programs)."""
+        if num_steps < 1:
+            raise SpardaError(f"num_steps must be >= 1, got {num_steps}")
+        if (last := int(np.asarray(self.cache.lengths).max())) + num_steps > self.max_len:
+            raise SpardaError(f"context {self.max_len} cannot hold {num_steps} more tokens after {last}")
+        tokens = committed(batch_tokens(tokens, self.batch))
+        outs = []
+        for done in range(0, num_steps, RESIDENT_PROGRAM_STEPS):
+            count = min(RESIDENT_PROGRAM_STEPS, num_steps - done)
+            t0 = time.perf_counter()
+            out, self.cache = self._greedy(self._params, tokens, self.cache, np.int32(count))
+            dispatch = (time.perf_counter() - t0) / count
+            for _ in range(count):
+                self.stats.append(StepStats(self._steps, "decode", float("nan"), dispatch_s=dispatch))
+                self._steps += 1
+            tokens = out[count - 1]
+            outs.append((out, count))
+        return np.concatenate([np.asarray(out)[:n] for out, n in outs])
 
     def _timed(self, kind, tokens, lengths, block=True):
         t0 = time.perf_counter()

@@ -31,7 +31,6 @@ writes it to the store. With equal lengths that is one copy every 64 steps.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from typing import Any, Callable
 
@@ -41,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from infer.engine import OffloadEngine, append_token, committed, decode_select, tail_rows
+from infer.programs import multi_step_options
 from infer.telemetry import StepStats
 from infer.zero_copy import compact_misses, fill_slots, fill_slots_persistent, host_arrays
 from pallas_kernels.sparse_decode import sparse_decode_attention
@@ -117,30 +117,9 @@ FILL_KERNELS = ("grid", "persistent")
 GRAPH_SCHEDULING = ("LHS", "CONCURRENT")
 
 
-# The multi-step program's loop has a traced trip count. XLA's default command-buffer types leave such a loop to the
-# host: a predicate read and an enqueue every step, no faster than `decode` (H200, 32K B=1: 7.35 ms of host time a
-# step). With WHILE and CONDITIONAL among them the loop runs inside one CUDA graph (0.10 ms a step).
-LOOP_GRAPH_COMMANDS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
-
-
-def multi_step_options(step_options: dict, on_gpu: bool, xla_flags: str | None = None) -> dict:
-    """The multi-step program's compiler options: the step's, plus (on a GPU) LOOP_GRAPH_COMMANDS and the
-    CONCURRENT graph order, each unless the step's options or XLA_FLAGS set it (a per-jit option would override
-    XLA_FLAGS)."""
-    xla_flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
-    options = dict(step_options)
-    if not on_gpu:
-        return options
-    if "xla_gpu_enable_command_buffer=" not in xla_flags:
-        options["xla_gpu_enable_command_buffer"] = LOOP_GRAPH_COMMANDS
-    if "xla_gpu_command_buffer_scheduling_mode=" not in xla_flags:
-        options.setdefault("xla_gpu_command_buffer_scheduling_mode", "CONCURRENT")
-    return options
-
-
 def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector: str,
                 sparse: SparseConfig, num_blocks: int, interpret: bool, stream: bool, fetch: bool, fill_kernel: str,
-                fill_programs: int, hook: DeviceSelectionHook | None):
+                fill_programs: int, keep_fill_inputs: bool, hook: DeviceSelectionHook | None):
     model = nnx.merge(graphdef, jax.tree.unflatten(params_tree, params))
     c = model.config
     inv_freq = rope_frequencies(c)
@@ -173,7 +152,8 @@ def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector
 
             run = compute_on(compute_type="gpu_stream:1",
                              out_memory_spaces=(jax.memory.Space.Device, jax.memory.Space.Device))(run)
-        return run(hosts[layer], *args, pk[layer], pv[layer])
+        pk[layer], pv[layer] = run(hosts[layer], *args, pk[layer], pv[layer])
+        return args
 
     def plan(layer, scores):
         nonlocal hook_state
@@ -183,28 +163,32 @@ def _fused_step(graphdef, params_tree, params, state, tokens, hosts, *, selector
         slot, lengths, src, dst, sb[layer], age[layer], table[layer], counts[layer] = slot_diff(
             ids, positions, sb[layer], age[layer], clock, table[layer], num_blocks=num_blocks,
             block_size=sparse.block_size)
-        if fetch:
-            pk[layer], pv[layer] = fill(layer, src, dst)
-        return slot, lengths
+        return (slot, lengths), fill(layer, src, dst) if fetch else None
 
     x = model.embed[...][tokens[:, None]]
     pending = None
     for layer, block in enumerate(model.layers):
         h, q, k, v = block.attention_inputs(x, pos2, inv_freq)
+        prefetch_args = None
         if selector == "sparse":
-            own = plan(layer, selection.query_selector_scores(q, kc[layer], pos2, sparse))
+            own, _ = plan(layer, selection.query_selector_scores(q, kc[layer], pos2, sparse))
         else:
             if layer == 0:
                 f0 = block.attn.selector_query(block.attn.q_select, h, pos2, inv_freq)
-                pending = plan(0, selection.forecast_scores(f0, kc[0], pos2, sparse))
+                pending, _ = plan(0, selection.forecast_scores(f0, kc[0], pos2, sparse))
             own = pending
             if layer + 1 < num_layers:  # issued before this layer's attention and MLP
                 f = block.attn.selector_query(block.attn.forecast, h, pos2, inv_freq)
-                pending = plan(layer + 1, selection.forecast_scores(f, kc[layer + 1], pos2, sparse))
+                pending, prefetch_args = plan(layer + 1, selection.forecast_scores(f, kc[layer + 1], pos2, sparse))
         pk[layer], pv[layer], kc[layer] = append_token(pk[layer], pv[layer], kc[layer], k, v, positions,
                                                        pk[layer].shape[2] - 2, sparse)
         attn = sparse_decode_attention(q[:, :, :, 0], pk[layer], pv[layer], *own)
         x = block.finish(x, attn[:, :, :, None])
+        if keep_fill_inputs and prefetch_args is not None:
+            # Hold the prefetch's index arrays live to the end of this layer. Freed at the fill, their memory is
+            # reused by this layer's next temporaries, and in a CONCURRENT CUDA graph (edges from buffer
+            # conflicts) that reuse makes the attention and MLP wait for the fill they were meant to hide.
+            x, _ = jax.lax.optimization_barrier((x, prefetch_args))
     logits = model.logits(x[:, 0])
     new_state = dict(pool_k=pk, pool_v=pv, kc=kc, slot_block=sb, age=age,
                      block_slot=table if state["block_slot"] is not None else None, hook=hook_state, clock=clock,
@@ -237,19 +221,21 @@ class FusedOffloadEngine(OffloadEngine):
 
     selection_hook: a `DeviceSelectionHook` (benchmarks; runs inside the jit). stream: put the fills on a second
     GPU stream (`compute_on('gpu_stream:1')`). fill_kernel: one of FILL_KERNELS; fill_programs: the persistent
-    kernel's program count (few leave SMs to the layer's compute; too few cannot keep PCIe busy). slot_lookup: one of SLOT_LOOKUPS
-    (see `slot_diff`) or "auto": the table where the pool holds more than k blocks (H200, 32K B=8, 4k slots:
-    8.27 ms per step against 11.42 with compare), compare at k slots (7.73 vs 7.74 ms at B=1; one table less per
-    layer). graph_scheduling: one of GRAPH_SCHEDULING (GPU only) for the step and the programs, or None for
-    XLA_FLAGS' setting, else XLA's default (LHS) for the step and CONCURRENT for the programs: a per-jit option would
-    override XLA_FLAGS. fetch=False skips the fills (timing only: results are
-    wrong).
+    kernel's program count (few leave SMs to the layer's compute; too few cannot keep PCIe busy).
+    keep_fill_inputs: hold each prefetch's index arrays live to the end of the layer that issued it (see
+    `_fused_step`), so that no buffer reuse links that layer's compute to the fill (H200, 2026-12-04, 32K B=8,
+    CONCURRENT programs: fills hidden 0.93 against 0.16, 9.05 against 10.26 ms a step at k slots).
+    slot_lookup: one of SLOT_LOOKUPS (see `slot_diff`) or "auto": the table where the pool holds more than k blocks
+    (H200, 32K B=8, 4k slots: 8.27 ms per step against 11.42 with compare), compare at k slots (7.73 vs 7.74 ms at
+    B=1; one table less per layer). graph_scheduling: one of GRAPH_SCHEDULING (GPU only) for the step and the
+    programs, or None for XLA_FLAGS' setting, else XLA's default (LHS) for the step and CONCURRENT for the programs:
+    a per-jit option would override XLA_FLAGS. fetch=False skips the fills (timing only: results are wrong).
     """
 
     def __init__(self, model, sparse: SparseConfig, *, selection_hook: DeviceSelectionHook | None = None,
                  hook_state: Any = None, stream: bool = False, fetch: bool = True, fill_kernel: str = "grid",
-                 fill_programs: int = 32, slot_lookup: str = "auto", graph_scheduling: str | None = None,
-                 **kwargs):
+                 fill_programs: int = 32, keep_fill_inputs: bool = True, slot_lookup: str = "auto",
+                 graph_scheduling: str | None = None, **kwargs):
         if kwargs.get("selection_override") is not None:
             raise SpardaError("the fused engine takes a device selection_hook, not a host selection_override")
         if fill_kernel not in FILL_KERNELS:
@@ -279,7 +265,7 @@ class FusedOffloadEngine(OffloadEngine):
             opts["xla_gpu_experimental_stream_annotation"] = True
         step_kw = dict(selector=self.selector, sparse=sparse, num_blocks=self.num_blocks, interpret=not self.on_gpu,
                        stream=stream, fetch=fetch, fill_kernel=fill_kernel, fill_programs=fill_programs,
-                       hook=selection_hook)
+                       keep_fill_inputs=keep_fill_inputs, hook=selection_hook)
         step = functools.partial(_fused_step, graphdef, params_tree, **step_kw)
         self._step = jax.jit(step, donate_argnums=(1,), compiler_options=opts or None)
         programs = {sampled: functools.partial(_fused_decode_steps, graphdef, params_tree, max_steps=sparse.block_size,

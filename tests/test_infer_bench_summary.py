@@ -31,13 +31,17 @@ def test_summary_ratios():
             # --multistep: compared only with each other
             _run("sparse-offload", 2, 0.016, "zero-copy", "multistep", mb=520.0, slots=96),
             _run("sparda-offload", 2, 0.0125, "zero-copy", "multistep", mb=520.0, slots=96),
-            _run("sparda-offload", 2, 0.004, "zero-copy", "table+multistep", slots=384)]
+            _run("sparda-offload", 2, 0.004, "zero-copy", "table+multistep", slots=384),
+            _run("sparda", 2, 0.0125, variant="multistep"),  # the multi-step runs' bound
+            _run("sparse", 2, 0.010, variant="multistep")]
     rows = summarize({"runs": runs, "top_k_blocks": 96}, pcie_gbps=52.0)
-    b2, b8, best = rows
+    b2, b8, best, best_multistep = rows
     assert b2["sparda_vs_sparse_offload"] == pytest.approx(2.0)
     # 10 ms against max(resident sparda 5 ms, 520 MB at 52 GB/s = 10 ms)
-    assert b2["step_vs_bound"] == pytest.approx(1.0) and b2["bound_from"] == "resident sparda"
+    assert b2["step_vs_bound"] == pytest.approx(1.0) and b2["bound_from"] == "resident sparda single steps"
     assert b2["bound_term"] == "pcie"
+    # the table run moves nothing: 5 ms against the resident 5 ms
+    assert b2["cache_step_vs_bound"] == pytest.approx(1.0)
     assert b2["exposed_copy_ms"] == pytest.approx(2.0)
     # the fastest block-cache run (table, 5 ms) against sparse-offload's 20 ms
     assert b2["cache_vs_sparse_offload"] == pytest.approx(4.0) and b2["cache_slots"] == 384
@@ -45,7 +49,10 @@ def test_summary_ratios():
     assert "cache_vs_cached_sparse_offload_multistep" not in b2  # no cached multi-step baseline
     assert b2["sparda_vs_sparse_offload_multistep"] == pytest.approx(1.28)
     assert b2["cache_vs_sparse_offload_multistep"] == pytest.approx(4.0)
-    assert b2["step_vs_bound_multistep"] == pytest.approx(1.25) and b2["bound_term_multistep"] == "pcie"
+    # 12.5 ms against max(the multi-step resident 12.5 ms, 10 ms of PCIe)
+    assert b2["step_vs_bound_multistep"] == pytest.approx(1.0) and b2["bound_term_multistep"] == "gpu step"
+    assert b2["bound_from_multistep"] == "resident sparda multistep"
+    assert b2["cache_step_vs_bound_multistep"] == pytest.approx(0.32)
     # no resident run at B=8: the bound is max(nofetch 4 ms, 1 ms of PCIe)
     assert b8["step_vs_bound"] == pytest.approx(4.0) and b8["bound_from"] == "nofetch"
     assert b8["bound_term"] == "gpu step"
@@ -53,6 +60,9 @@ def test_summary_ratios():
     assert not any(key.endswith("_multistep") for key in b8)
     # best sparda-offload (k slots, no variant) 8 / 0.016 = 500 tok/s vs best resident sparse 2 / 0.004 = 500 tok/s
     assert best["best_throughput_ratio"] == pytest.approx(1.0) and best["batches_run"] == [2, 8]
+    assert best["timing"] == "single steps"
+    # multi-step: sparda-offload 2 / 0.0125 = 160 tok/s against the multi-step resident sparse 2 / 0.010 = 200
+    assert best_multistep["best_throughput_ratio"] == pytest.approx(0.8) and best_multistep["timing"] == "multistep"
 
 
 def test_fill_transfer_from_a_profile():

@@ -139,3 +139,22 @@ def test_decode_compiles_once_whatever_the_tokens(tiny_engine_model, caplog, mod
             eng.decode([1, 1])
     compiled = {m.split("(")[1].split(")")[0] for m in caplog.messages if m.startswith("Compiling jit(")}
     assert not compiled & STEP_FUNCTIONS, sorted(compiled)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparda"])
+def test_resident_multi_step_greedy_matches_single_steps(tiny_engine_model, mode):
+    """ResidentEngine.decode_greedy (programs of up to 64 steps) gives the tokens of blocking single steps with a
+    host argmax, across a program boundary; it refuses steps past the context."""
+    b, steps = 2, 70
+    tokens = np.random.default_rng(5).integers(0, tiny_engine_model.config.vocab_size, (b, 256)).astype(np.int32)
+    lengths = np.array([200, 150])  # a 256-token chunk, padded per sequence
+    ref = ResidentEngine(tiny_engine_model, SPARSE, mode=mode, batch=b, max_len=512)
+    want = [np.argmax(np.asarray(ref.prefill(tokens, lengths)), -1)]
+    for _ in range(steps):
+        want.append(np.argmax(np.asarray(ref.decode(want[-1])), -1))
+    eng = ResidentEngine(tiny_engine_model, SPARSE, mode=mode, batch=b, max_len=512)
+    eng.prefill(tokens, lengths)
+    np.testing.assert_array_equal(eng.decode_greedy(want[0], steps), np.stack(want[1:]))
+    assert len([s for s in eng.stats if s.kind == "decode"]) == steps and eng._greedy._cache_size() == 1
+    with pytest.raises(SpardaError, match="context 512 cannot hold 300 more tokens after 270"):
+        eng.decode_greedy(want[-1], 300)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from infer.engine import ResidentEngine, make_engine
-from infer.fused import LOOP_GRAPH_COMMANDS, FusedOffloadEngine, multi_step_options, slot_diff
+from infer.fused import FusedOffloadEngine, slot_diff
+from infer.programs import LOOP_GRAPH_COMMANDS, multi_step_options
 from infer.slots import SlotMap
 from sparda_jax.config import SparseConfig
 from sparda_jax.errors import SpardaError
@@ -25,19 +26,22 @@ def _record(layer, ids, positions, state):
 
 
 UNEVEN, ON_BOUNDARY = (300, 253), (320, 256)
-FILLS = {"grid": dict(fill_kernel="grid"), "persistent3": dict(fill_kernel="persistent", fill_programs=3)}
+FILLS = {"grid": dict(fill_kernel="grid"), "persistent3": dict(fill_kernel="persistent", fill_programs=3),
+         "grid+nokeep": dict(fill_kernel="grid", keep_fill_inputs=False)}
 
 
 @pytest.mark.parametrize("mode,fill_kernel,slot_lookup,cache_slots,prompt_lengths", [
     ("sparse", "grid", "compare", 4, UNEVEN), ("sparda", "grid", "compare", 4, UNEVEN),
-    ("sparda", "persistent3", "compare", 4, UNEVEN), ("sparda", "grid", "table", 4, UNEVEN),
+    ("sparda", "persistent3", "compare", 4, UNEVEN), ("sparda", "grid+nokeep", "compare", 4, UNEVEN),
+    ("sparda", "grid", "table", 4, UNEVEN),
     ("sparse", "grid", "compare", 8, UNEVEN), ("sparse", "grid", "table", 8, UNEVEN),
     ("sparda", "grid", "compare", 4, ON_BOUNDARY)])
 def test_fused_matches_resident_and_slot_map(tiny_engine_model, mode, fill_kernel, slot_lookup, cache_slots,
                                              prompt_lengths):
     """cache_slots 4 = k (the paper's pool: every unused slot is a victim); 8 = an LRU block cache of 2k.
     ON_BOUNDARY: prompts that end on a block boundary (the first tail flush must skip the block the prefill
-    stored). persistent3: the persistent fill with 3 programs, so each loops over several misses."""
+    stored). persistent3: the persistent fill with 3 programs, so each loops over several misses; grid+nokeep: the
+    prefetch's inputs not held live to the end of the layer."""
     lengths = np.array(prompt_lengths)  # two sequences of different lengths
     b, steps = 2, 70  # crosses block boundaries (tail flushes, compressed keys); k slots force evictions
     rng = np.random.default_rng(0)
