@@ -18,7 +18,9 @@ sampler). Per layer:
   over the pool -> residual + MLP.
 
 `sparda-offload`: layer l+1's Forecast selection, diff and fill are issued at layer l, before layer l's attention
-and MLP (optionally on a second stream, `stream=True`). `sparse-offload`: layer l's own selection, then its fill.
+and MLP (optionally on a second stream, `stream=True`); the fill's index arrays are held live to the end of layer l,
+so that in a CONCURRENT CUDA graph no buffer reuse makes layer l wait for it. `sparse-offload`: layer l's own
+selection, then its fill.
 `fill_kernel`: "grid" (one program per selected block and piece, the default) or "persistent" (a few programs loop
 over the compacted misses; the shape meant for a second stream).
 
