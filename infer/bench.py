@@ -91,6 +91,8 @@ class Run:
     # executables of the decode step's jit after the run: 1 expected (3 before the 2026-12-02 fix); 0 = the engine has
     # no single step jit (host-gather)
     step_compiles: int = 0
+    # executables of the multi-step programs (greedy and sampled) after the run: 1 for a --multistep run, 0 otherwise
+    program_compiles: int = 0
     error: str = ""
 
     def set_timing(self, t: "Timing") -> list:
@@ -245,6 +247,7 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
             phase("profile")
         if hasattr(eng, "_step"):
             r.step_compiles = eng._step._cache_size()
+            r.program_compiles = sum(program._cache_size() for program in eng._programs.values())
     phase("close")
     r.tok_s = batch / r.step_s
     hits = sum(s.total("hits") for s in st)
@@ -326,6 +329,7 @@ def resident_run(model, sparse, shape, mode, ctx, batch, warmup, steps, profile_
         profile_engine(eng, batch, r, profile_out, multistep)
     r.tok_s = batch / r.step_s
     r.step_compiles = eng._run._cache_size()
+    r.program_compiles = eng._greedy._cache_size()
     del eng
     return r
 

@@ -94,6 +94,7 @@ def test_bench_runs_end_to_end_on_cpu(tmp_path):
     assert all(not r["error"] and r["tok_s"] > 0 and 0 < r["hit_rate"] <= 1 for r in runs.values())
     assert all(r["replay"] == "trace" for r in runs.values())  # drawn before the timed steps by default
     assert all(r["step_compiles"] == 1 for r in runs.values())  # numpy, then device tokens: one executable
+    assert all(r["program_compiles"] == 0 for r in runs.values())  # not --multistep
     # --profile traced every run; a CPU trace has no GPU streams, which the summary reports
     assert all(r["profile"]["error"] == "no GPU stream events in the trace" for r in runs.values())
     assert result["summary"][0]["bound_from"] == "nofetch" and (tmp_path / "decode_tiny.png").exists()
@@ -114,7 +115,9 @@ def test_bench_modes_filter_and_multistep(tmp_path):
     runs = json.loads((tmp_path / "engine_bench_tiny.json").read_text())["runs"]
     assert [(r["mode"], r["variant"], r["cache_slots"]) for r in runs] == [
         ("sparda-offload", "multistep", 16), ("sparda-offload", "cache4k+table+sampled+multistep", 64)]
-    assert all(not r["error"] and r["tok_s"] > 0 and r["step_compiles"] == 1 for r in runs)
+    # one executable per program kind, whatever the program lengths (warm-up, 1-step and timed calls)
+    assert all(not r["error"] and r["tok_s"] > 0 and r["step_compiles"] == 1 and r["program_compiles"] == 1
+               for r in runs)
     proc = subprocess.run(common + ["--modes", "sparda-offload", "--only-variants", "--variants",
                                     "concurrent+multistep", "--extra-batches", "1"],
                           cwd=root, capture_output=True, text=True, timeout=600)
@@ -124,3 +127,16 @@ def test_bench_modes_filter_and_multistep(tmp_path):
         ("sparda-offload", "concurrent+multistep", 16)]
     bad = subprocess.run(common + ["--modes", "sparda,offload"], cwd=root, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown mode(s) offload" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_resident_run_times_multi_step_programs():
+    # The CPU plan has no resident runs (no device memory to size them), so the --multistep resident run directly.
+    import jax.numpy as jnp
+
+    from infer.bench import random_model, resident_run
+    from sparda_jax.config import SparseConfig
+
+    model = random_model("tiny", jnp.float32)
+    r = resident_run(model, SparseConfig(top_k_blocks=16, local_blocks=4), "tiny", "sparda", 1024, 2, 1, 2,
+                     multistep=True)
+    assert r.variant == "multistep" and r.tok_s > 0 and r.step_compiles == 1 and r.program_compiles == 1
