@@ -563,7 +563,55 @@ def merge(paths: list[str], out: Path) -> None:
     (out / "engine_bench_merged.json").write_text(json.dumps(result, indent=1))
 
 
-def main():
+def run_plan(a, batches: list[int], b_off: int, b_res: int, num_kv_heads: int, *, dense: bool,
+             modes: set[str]) -> list[tuple]:
+    """The runs of one (shape, context), from the parsed flags `a`: (kind, mode, batch, transfer, cache slots,
+    variant) each; b_off / b_res are the largest offload / resident batches."""
+    from infer.engine import OFFLOAD_MODES
+
+    plan = []
+    transfers = a.transfers.split(",")
+    extra = [int(x) for x in a.extra_batches.split(",")] if a.extra_batches else [1, batches[-1]]
+    for b in sorted(set([x for x in batches if x <= b_off] + [b_off])):
+        if b <= b_res:
+            plan += [("resident", "sparse", b, "", 0, ""), ("resident", "sparda", b, "", 0, "")]
+        for tr in transfers:
+            plan += [("offload", "sparse-offload", b, tr, 0, ""), ("offload", "sparda-offload", b, tr, 0, "")]
+        if b in extra:
+            for tr in transfers:
+                if a.cache4k and b * num_kv_heads <= a.cache4k_max_rows:
+                    # with 4k slots the compare lookup's k x 4k comparisons cost more than the copies
+                    # saved (H200, 32K B=8: 700 vs 967 tok/s with the table), so only the table runs
+                    plan += [("offload", mode, b, tr, 4 * a.top_k_blocks, "table" if tr == "zero-copy" else "")
+                             for mode in OFFLOAD_MODES]
+            if "zero-copy" in transfers:
+                # a variant naming cache4k runs with the 4k-slot cache, the others with k slots
+                plan += [("offload", "sparda-offload", b, "zero-copy",
+                          4 * a.top_k_blocks if "cache4k" in v.split("+") else 0, v)
+                         for v in a.variants.split(",") if v]
+    if a.only_variants:
+        plan = [x for x in plan if x[0] == "resident" or (x[5] and x[5] in a.variants.split(","))]
+    if a.multistep:
+        timed = []
+        for kind, mode, b, tr, slots, v in plan:
+            if kind == "resident":  # both ways: the summary's bound is the faster (the resident program's
+                timed.append((kind, mode, b, tr, slots, v))  # loop ran from the host, H200 2026-12-04)
+            if tr in ("zero-copy", "") and v in ("", "table"):  # resident and zero-copy runs
+                v = "+".join(filter(None, (v, "multistep")))
+            timed.append((kind, mode, b, tr, slots, v))
+        plan = timed
+    if b_res >= 1 and b_res not in [x[2] for x in plan] and not a.skip_resident_max:
+        plan += [("resident", "sparse", b_res, "", 0, ""), ("resident", "sparda", b_res, "", 0, "")]
+    if dense:
+        plan.append(("resident", "dense", 1, "", 0, ""))
+    if a.quick:
+        plan = [x for x in plan if x[2] in (1, b_off, b_res) or x[2] == batches[-1]]
+    if modes:
+        plan = [x for x in plan if x[1] in modes]
+    return plan
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infer.bench", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="paper8b")
     p.add_argument("--contexts", default="32768,65536,131072")
@@ -617,11 +665,16 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "bench_results/engine"))
     p.add_argument("--merge", nargs="+", metavar="JSON", help="no runs: merge these result files (runs of one device "
                    "split over several calls) into --out/engine_bench_merged.json with its plot and summary")
+    return p
+
+
+def main():
+    p = build_parser()
     a = p.parse_args()
     if a.merge:
         merge(a.merge, Path(a.out))
         return
-    from infer.engine import ENGINE_MODES, OFFLOAD_MODES
+    from infer.engine import ENGINE_MODES
 
     modes = set(a.modes.split(",")) - {""}
     if unknown := sorted(modes - set(ENGINE_MODES)):
@@ -693,40 +746,8 @@ def main():
                 # 90 GB could not be pinned on the H100 host (128 GB), 60 GB could; every zero-copy run would fail.
                 raise SystemExit(f"error: the {store.nbytes / 1e9:.0f} GB host store could not be pinned, which the "
                                  "zero-copy path needs: lower --host-gb")
-            plan = []
-            transfers = a.transfers.split(",")
-            extra = [int(x) for x in a.extra_batches.split(",")] if a.extra_batches else [1, batches[-1]]
-            for b in sorted(set([x for x in batches if x <= b_off] + [b_off])):
-                if b <= b_res:
-                    plan += [("resident", "sparse", b, "", 0, ""), ("resident", "sparda", b, "", 0, "")]
-                for tr in transfers:
-                    plan += [("offload", "sparse-offload", b, tr, 0, ""), ("offload", "sparda-offload", b, tr, 0, "")]
-                if b in extra:
-                    for tr in transfers:
-                        if a.cache4k and b * c.num_kv_heads <= a.cache4k_max_rows:
-                            # with 4k slots the compare lookup's k x 4k comparisons cost more than the copies
-                            # saved (H200, 32K B=8: 700 vs 967 tok/s with the table), so only the table runs
-                            plan += [("offload", mode, b, tr, 4 * a.top_k_blocks, "table" if tr == "zero-copy" else "")
-                                     for mode in OFFLOAD_MODES]
-                    if "zero-copy" in transfers:
-                        # a variant naming cache4k runs with the 4k-slot cache, the others with k slots
-                        plan += [("offload", "sparda-offload", b, "zero-copy",
-                                  4 * a.top_k_blocks if "cache4k" in v.split("+") else 0, v)
-                                 for v in a.variants.split(",") if v]
-            if a.only_variants:
-                plan = [x for x in plan if x[0] == "resident" or (x[5] and x[5] in a.variants.split(","))]
-            if a.multistep:  # resident runs too: the bound of a multi-step run is a multi-step resident run
-                plan = [(kind, mode, b, tr, slots, "+".join(filter(None, (v, "multistep"))))
-                        if tr in ("zero-copy", "") and v in ("", "table") else (kind, mode, b, tr, slots, v)
-                        for kind, mode, b, tr, slots, v in plan]
-            if b_res >= 1 and b_res not in [x[2] for x in plan] and not a.skip_resident_max:
-                plan += [("resident", "sparse", b_res, "", 0, ""), ("resident", "sparda", b_res, "", 0, "")]
-            if ctx == contexts[0] and a.dense:
-                plan.append(("resident", "dense", 1, "", 0, ""))
-            if a.quick:
-                plan = [x for x in plan if x[2] in (1, b_off, b_res) or x[2] == batches[-1]]
-            if modes:
-                plan = [x for x in plan if x[1] in modes]
+            plan = run_plan(a, batches, b_off, b_res, c.num_kv_heads, dense=ctx == contexts[0] and a.dense,
+                            modes=modes)
             for kind, mode, b, transfer, slots, variant in plan:
                 if left() < 45:
                     log("budget spent; stopping")

@@ -143,3 +143,23 @@ def test_resident_run_times_multi_step_programs():
                      multistep=True)
     assert r.variant == "multistep" and r.tok_s > 0 and r.step_compiles == 0 and r.program_compiles == 1
     assert np.isnan(r.blocking_step_s)  # no single steps were run
+
+
+def test_multistep_plan_times_resident_runs_both_ways_and_caches_both_offload_modes():
+    from infer.bench import build_parser, run_plan
+
+    a = build_parser().parse_args(["--transfers", "zero-copy", "--variants", "persistent+multistep", "--cache4k",
+                                   "--cache4k-max-rows", "16", "--multistep", "--extra-batches", "8",
+                                   "--skip-resident-max"])
+    plan = run_plan(a, [8], b_off=8, b_res=90, num_kv_heads=2, dense=False, modes=set())
+    assert plan == [
+        ("resident", "sparse", 8, "", 0, ""), ("resident", "sparse", 8, "", 0, "multistep"),
+        ("resident", "sparda", 8, "", 0, ""), ("resident", "sparda", 8, "", 0, "multistep"),
+        ("offload", "sparse-offload", 8, "zero-copy", 0, "multistep"),
+        ("offload", "sparda-offload", 8, "zero-copy", 0, "multistep"),
+        ("offload", "sparse-offload", 8, "zero-copy", 384, "table+multistep"),
+        ("offload", "sparda-offload", 8, "zero-copy", 384, "table+multistep"),
+        ("offload", "sparda-offload", 8, "zero-copy", 0, "persistent+multistep")]
+    # B=16 is not among --extra-batches: no cache or variant runs; --modes keeps only the named mode
+    assert run_plan(a, [16], b_off=16, b_res=0, num_kv_heads=2, dense=False, modes={"sparse-offload"}) == [
+        ("offload", "sparse-offload", 16, "zero-copy", 0, "multistep")]
