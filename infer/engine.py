@@ -38,7 +38,8 @@ from sparda_jax.model import KVCache, Transformer, rope_frequencies
 ENGINE_MODES = ("dense", "sparse", "sparse-offload", "sparda", "sparda-offload")
 OFFLOAD_MODES = ("sparse-offload", "sparda-offload")
 TRANSFERS = ("host-gather", "zero-copy")
-DEFAULT_TRANSFER = "zero-copy"  # the fused step: 7-10x the layer-wise host-gather path on the H100 (README_SECTION.md)
+# The fused step: 7-10x the layer-wise host-gather path on the H100 (bench_results/engine/HISTORY.md, "Engine v2 measured").
+DEFAULT_TRANSFER = "zero-copy"
 
 # Steps per resident multi-step program (`ResidentEngine.decode_greedy`): as many as the fused engine's longest.
 RESIDENT_PROGRAM_STEPS = 64

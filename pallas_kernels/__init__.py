@@ -1,4 +1,4 @@
-"""Pallas (Triton backend) GPU kernels for SparDA's block-sparse attention; see README_SECTION.md."""
+"""Pallas (Triton backend) GPU kernels for SparDA's block-sparse attention; see README.md, "GPU kernels"."""
 
 # Importing the fuser registers a config value that is part of every jit cache key. Pallas imports it lazily while
 # tracing the first kernel with block specs, so every function traced before that is traced and compiled again on
