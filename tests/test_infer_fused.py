@@ -257,3 +257,16 @@ def test_graph_scheduling_reaches_the_step_only_when_given(tiny_engine_model, mo
     make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=1, max_len=1024, transfer="zero-copy",
                 graph_scheduling=graph_scheduling)
     assert [o.get("xla_gpu_command_buffer_scheduling_mode") for o in seen] == [expected] * 3
+
+
+@pytest.mark.parametrize("mode,keep,expected", [("sparda", True, 1), ("sparda", False, 0), ("sparse", True, 0)])
+def test_prefetch_inputs_are_held_to_the_end_of_the_issuing_layer(tiny_engine_model, mode, keep, expected):
+    """The barrier that keeps a prefetch's index arrays live has no effect on values (the tests above pass without
+    it), so check it is in the step: one per prefetch (layers 1..L-1 in sparda-offload), none in sparse-offload,
+    whose fills are not prefetches."""
+    with make_engine(tiny_engine_model, SPARSE, mode + "-offload", batch=1, max_len=512, prefill_chunk=128,
+                     transfer="zero-copy", keep_fill_inputs=keep) as eng:
+        eng.prefill(np.ones((1, 256), np.int32))
+        hlo = eng._step.lower(eng._params, eng.state, np.ones(1, np.int32), tuple(eng.hosts)).as_text()
+    prefetches = tiny_engine_model.config.num_layers - 1
+    assert hlo.count("stablehlo.optimization_barrier") == expected * prefetches
