@@ -185,6 +185,16 @@ def test_multi_step_program_orders_its_graph_concurrently_unless_told_otherwise(
     assert multi_step_options({}, on_gpu, xla_flags).get("xla_gpu_command_buffer_scheduling_mode") == expected
 
 
+def test_multi_step_options_are_valid_xla_options():
+    # The GPU options go through XLA's option parser on any backend: a wrong command-buffer type name (e.g.
+    # DYNAMIC_SLICE_COPY_FUSION, which jax 0.11.2's XLA does not know) fails here, not first on the GPU.
+    options = multi_step_options({}, on_gpu=True, xla_flags="")
+    assert options["xla_gpu_enable_command_buffer"] == LOOP_GRAPH_COMMANDS
+    assert int(jax.jit(lambda x: x + 1, compiler_options=options)(jnp.int32(1))) == 2
+    with pytest.raises(Exception, match="not a valid enum value"):
+        jax.jit(lambda x: x + 1, compiler_options={"xla_gpu_enable_command_buffer": "FUSION,NO_SUCH_TYPE"})(1)
+
+
 @pytest.mark.parametrize("num_steps,match", [(0, "num_steps must be >= 1"), (200, "cannot hold 200 more")])
 def test_multi_step_greedy_decode_rejects_bad_step_counts(tiny_engine_model, num_steps, match):
     with make_engine(tiny_engine_model, SPARSE, "sparda-offload", batch=1, max_len=384, prefill_chunk=128,
