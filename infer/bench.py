@@ -211,7 +211,7 @@ def profile_engine(engine, batch: int, run: Run, out: Path, multistep: bool = Fa
 def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfer, cache_slots, warmup, steps,
                 variant="", replay="trace", profile_out: Path | None = None, cache_warmup: int = 32):
     from infer.engine import OffloadEngine
-    from infer.fused import GRAPH_SCHEDULING, FusedOffloadEngine
+    from infer.fused import DEFAULT_FILL_PROGRAMS, GRAPH_SCHEDULING, FusedOffloadEngine
     from infer.locality import ReplaySelector, device_replay, replay_trace, trace_hook
 
     c = model.config
@@ -238,11 +238,12 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
         else:
             hook, hstate = device_replay(*replay_args)
         phase("selection replay")
-        # "persistent" or "persistentN": the persistent fill kernel with 32 or N programs
-        persistent = [int(w.removeprefix("persistent") or 32) for w in words if w.startswith("persistent")]
+        # "persistent" or "persistentN": the persistent fill kernel with its default or N programs
+        persistent = [int(w.removeprefix("persistent") or DEFAULT_FILL_PROGRAMS) for w in words
+                      if w.startswith("persistent")]
         eng = FusedOffloadEngine(model, sparse, selection_hook=hook, hook_state=hstate, stream="stream" in words,
                                  fetch="nofetch" not in words, fill_kernel="persistent" if persistent else "grid",
-                                 fill_programs=persistent[0] if persistent else 32,
+                                 fill_programs=persistent[0] if persistent else DEFAULT_FILL_PROGRAMS,
                                  keep_fill_inputs="nokeep" not in words,
                                  slot_lookup="table" if "table" in words else "compare",
                                  graph_scheduling=next((g for g in GRAPH_SCHEDULING if g.lower() in words), None), **kw)
@@ -457,16 +458,15 @@ def _goal_ratios(row, runs, find, shape, ctx, b, k, multi: str, pcie_gbps: float
     if cached_ss:
         row[key("cache_vs_cached_sparse_offload")] = fastest["tok_s"] / max(r["tok_s"] for r in cached_ss)
     gpu = res["step_s"] if res else (nf["step_s"] if nf else None)
-    if gpu:
-        for name, run in (("step_vs_bound", sd), ("cache_step_vs_bound", fastest)):
-            if run:
-                pcie = run["mb_per_step"] / 1e3 / pcie_gbps
-                row[key(name)] = run["step_s"] / max(gpu, pcie)
-        if sd:
-            pcie = sd["mb_per_step"] / 1e3 / pcie_gbps
-            # where the GPU-only step came from
-            row[key("bound_from")] = ("resident sparda " + (res["variant"] or "single steps")) if res else "nofetch"
-            row[key("bound_term")] = "pcie" if pcie > gpu else "gpu step"
+    for name, run in (("step_vs_bound", sd), ("cache_step_vs_bound", fastest)):
+        if gpu and run:
+            pcie = run["mb_per_step"] / 1e3 / pcie_gbps
+            row[key(name)] = run["step_s"] / max(gpu, pcie)
+            if run is sd:
+                # where the GPU-only step came from
+                row[key("bound_from")] = (("resident sparda " + (res["variant"] or "single steps")) if res
+                                          else "nofetch")
+                row[key("bound_term")] = "pcie" if pcie > gpu else "gpu step"
     if sd and nf and not multi:
         row["exposed_copy_ms"] = (sd["step_s"] - nf["step_s"]) * 1e3
 

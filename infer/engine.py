@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from infer.host_store import HostKVStore
-from infer.programs import multi_step_options
+from infer.programs import check_program_length, multi_step_options
 from infer.slots import Plan, SlotMap
 from infer.telemetry import LayerStats, StepStats
 from infer.transfer import HostGatherFetcher
@@ -38,7 +38,8 @@ from sparda_jax.model import KVCache, Transformer, rope_frequencies
 ENGINE_MODES = ("dense", "sparse", "sparse-offload", "sparda", "sparda-offload")
 OFFLOAD_MODES = ("sparse-offload", "sparda-offload")
 TRANSFERS = ("host-gather", "zero-copy")
-# The fused step: 7-10x the layer-wise host-gather path on the H100 (bench_results/engine/HISTORY.md, "Engine v2 measured").
+# The fused step: 7-10x the layer-wise host-gather path on the H100 (bench_results/engine/HISTORY.md, "Engine v2
+# measured").
 DEFAULT_TRANSFER = "zero-copy"
 
 # Steps per resident multi-step program (`ResidentEngine.decode_greedy`): as many as the fused engine's longest.
@@ -534,10 +535,7 @@ class ResidentEngine:
         """`num_steps` greedy tokens per sequence, [num_steps, B] (waits for them): programs of up to
         RESIDENT_PROGRAM_STEPS steps, each a loop inside one jit, as the fused offload engine's `decode_greedy` (the
         like-for-like resident timing for its multi-step programs)."""
-        if num_steps < 1:
-            raise SpardaError(f"num_steps must be >= 1, got {num_steps}")
-        if (last := int(np.asarray(self.cache.lengths).max())) + num_steps > self.max_len:
-            raise SpardaError(f"context {self.max_len} cannot hold {num_steps} more tokens after {last}")
+        check_program_length(num_steps, int(np.asarray(self.cache.lengths).max()), self.max_len)
         tokens = committed(batch_tokens(tokens, self.batch))
         outs = []
         for done in range(0, num_steps, RESIDENT_PROGRAM_STEPS):

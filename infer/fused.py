@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from infer.engine import OffloadEngine, append_token, committed, decode_select, tail_rows
-from infer.programs import multi_step_options
+from infer.programs import check_program_length, multi_step_options
 from infer.telemetry import StepStats
 from infer.zero_copy import compact_misses, fill_slots, fill_slots_persistent, host_arrays
 from pallas_kernels.sparse_decode import sparse_decode_attention
@@ -109,6 +109,7 @@ def slot_diff(ids, positions, slot_block, age, clock, block_slot=None, *, num_bl
 
 SLOT_LOOKUPS = ("compare", "table")
 FILL_KERNELS = ("grid", "persistent")
+DEFAULT_FILL_PROGRAMS = 32  # the persistent fill's programs (16, 32 and 64 alike: H200, 32K B=8, 2026-12-04)
 # XLA's order for the commands of the step's CUDA graph (`xla_gpu_command_buffer_scheduling_mode`): "LHS" (XLA's
 # default) follows the schedule on one stream; "CONCURRENT" links commands only where their buffers conflict, meant
 # to let layer l+1's fills (they write only layer l+1's pool) run beside layer l's attention and MLP. Measured (H200,
@@ -236,7 +237,7 @@ class FusedOffloadEngine(OffloadEngine):
 
     def __init__(self, model, sparse: SparseConfig, *, selection_hook: DeviceSelectionHook | None = None,
                  hook_state: Any = None, stream: bool = False, fetch: bool = True, fill_kernel: str = "grid",
-                 fill_programs: int = 32, keep_fill_inputs: bool = True, slot_lookup: str = "auto",
+                 fill_programs: int = DEFAULT_FILL_PROGRAMS, keep_fill_inputs: bool = True, slot_lookup: str = "auto",
                  graph_scheduling: str | None = None, **kwargs):
         if kwargs.get("selection_override") is not None:
             raise SpardaError("the fused engine takes a device selection_hook, not a host selection_override")
@@ -367,11 +368,7 @@ class FusedOffloadEngine(OffloadEngine):
         tokens, positions = self._decode_inputs(tokens)
         if self.state is None:
             raise SpardaError("prefill (or fill_synthetic) first")
-        if num_steps < 1:
-            raise SpardaError(f"num_steps must be >= 1, got {num_steps}")
-        if int(positions.max()) + num_steps > self.max_len:
-            raise SpardaError(f"context {self.max_len} cannot hold {num_steps} more tokens after "
-                              f"{int(positions.max())}")
+        check_program_length(num_steps, int(positions.max()), self.max_len)
         s = self.sparse.block_size
         program = self._programs[keys is not None]
         if keys is not None:
