@@ -79,9 +79,9 @@ class Run:
     wait_s_per_step: float = 0.0  # zero-copy with --profile: fill time with no other kernel running beside it
     pcie_gbps: float = float("nan")
     hidden_fraction: float = float("nan")
-    # zero-copy: "" (grid fill kernel, compute stream), "stream" (on gpu_stream:1), "persistent" (persistent fill
-    # kernel), "persistent+stream", "nofetch" (fills skipped; timing only), "table" (block->slot table lookup in
-    # the slot diff; combinable, e.g. "table+persistent")
+    # zero-copy: "" (the engine's default fill kernel, compute stream), "grid" / "persistent" (that fill kernel),
+    # "stream" (on gpu_stream:1), "nofetch" (fills skipped; timing only), "table" (block->slot table lookup in the
+    # slot diff); combinable, e.g. "table+persistent"
     variant: str = ""
     first_call_s: float = 0.0  # compile + first step
     # wall seconds of each part of the run (a GPU session's device time goes mostly here, not into timed steps)
@@ -242,7 +242,8 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
         persistent = [int(w.removeprefix("persistent") or DEFAULT_FILL_PROGRAMS) for w in words
                       if w.startswith("persistent")]
         eng = FusedOffloadEngine(model, sparse, selection_hook=hook, hook_state=hstate, stream="stream" in words,
-                                 fetch="nofetch" not in words, fill_kernel="persistent" if persistent else "grid",
+                                 fetch="nofetch" not in words,
+                                 fill_kernel="persistent" if persistent else "grid" if "grid" in words else "auto",
                                  fill_programs=persistent[0] if persistent else DEFAULT_FILL_PROGRAMS,
                                  keep_fill_inputs="nokeep" not in words,
                                  slot_lookup="table" if "table" in words else "compare",
@@ -586,9 +587,8 @@ def run_plan(a, batches: list[int], b_off: int, b_res: int, num_kv_heads: int, *
                              for mode in OFFLOAD_MODES]
             if "zero-copy" in transfers:
                 # a variant naming cache4k runs with the 4k-slot cache, the others with k slots
-                plan += [("offload", "sparda-offload", b, "zero-copy",
-                          4 * a.top_k_blocks if "cache4k" in v.split("+") else 0, v)
-                         for v in a.variants.split(",") if v]
+                plan += [("offload", mode, b, "zero-copy", 4 * a.top_k_blocks if "cache4k" in v.split("+") else 0, v)
+                         for mode in a.variant_modes.split(",") for v in a.variants.split(",") if v]
     if a.only_variants:
         plan = [x for x in plan if x[0] == "resident" or (x[5] and x[5] in a.variants.split(","))]
     if a.multistep:
@@ -642,10 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer configurations (fits one 10-minute call)")
     p.add_argument("--transfers", default="zero-copy,host-gather")
     p.add_argument("--variants", default="nofetch,stream,persistent,persistent+stream",
-                   help="zero-copy variants run at --extra-batches: '+'-joined words of nofetch, stream, persistent "
-                   "(or persistentN: N fill programs, default 32), nokeep (keep_fill_inputs=False), "
+                   help="zero-copy variants run at --extra-batches: '+'-joined words of nofetch, stream, grid, "
+                   "persistent (or persistentN: N fill programs, default 32; neither: the engine's auto), nokeep (keep_fill_inputs=False), "
                    "table, concurrent or lhs (the CUDA graph order; default LHS for a step, CONCURRENT for a "
                    "multi-step program), multistep, sampled (with multistep), cache4k (the 4k-slot cache)")
+    p.add_argument("--variant-modes", default="sparda-offload", help="offload modes the --variants run in "
+                   "(comma-separated)")
     p.add_argument("--only-variants", action="store_true", help="of the offload runs, only the --variants ones")
     p.add_argument("--extra-batches", default="", help="batches that also get the variants / 4k-slot cache "
                    "(default: 1 and the last of --batches)")

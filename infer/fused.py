@@ -21,8 +21,9 @@ sampler). Per layer:
 and MLP (optionally on a second stream, `stream=True`); the fill's index arrays are held live to the end of layer l,
 so that in a CONCURRENT CUDA graph no buffer reuse makes layer l wait for it. `sparse-offload`: layer l's own
 selection, then its fill.
-`fill_kernel`: "grid" (one program per selected block and piece, the default) or "persistent" (a few programs loop
-over the compacted misses; the shape meant for a second stream).
+`fill_kernel`: "grid" (one program per selected block and piece) or "persistent" (a few programs loop over the
+compacted misses, leaving the other SMs to the compute beside them); "auto" (the default) takes persistent for the
+prefetch of `sparda-offload` and grid for the fill `sparse-offload` waits for.
 
 Hit / tail-hit / miss counts come back as one small [L, 3] device array per step, read lazily (no per-layer sync).
 Completed blocks reach the host store outside the step: a block completed at position 64j+63 stays in tail slot
@@ -109,6 +110,10 @@ def slot_diff(ids, positions, slot_block, age, clock, block_slot=None, *, num_bl
 
 SLOT_LOOKUPS = ("compare", "table")
 FILL_KERNELS = ("grid", "persistent")
+# "auto": the prefetch runs beside layer l's compute, where few programs leave it the SMs (H200, 2026-12-04, held
+# inputs, persistent against grid: 32K B=8 1054.6 against 877.3 tok/s, with the 4k-slot table 1442.1 against
+# 1411.3, 128K B=8 974.8 against 850.6, 32K B=1 186.5 against 185.9); sparse-offload's fill has nothing beside it.
+AUTO_FILL_KERNEL = {"sparda": "persistent", "sparse": "grid"}
 DEFAULT_FILL_PROGRAMS = 32  # the persistent fill's programs (16, 32 and 64 alike: H200, 32K B=8, 2026-12-04)
 # XLA's order for the commands of the step's CUDA graph (`xla_gpu_command_buffer_scheduling_mode`): "LHS" (XLA's
 # default) follows the schedule on one stream; "CONCURRENT" links commands only where their buffers conflict, meant
@@ -223,7 +228,8 @@ class FusedOffloadEngine(OffloadEngine):
     """`transfer='zero-copy'`: the fused device-resident decode step. Same constructor and API as OffloadEngine.
 
     selection_hook: a `DeviceSelectionHook` (benchmarks; runs inside the jit). stream: put the fills on a second
-    GPU stream (`compute_on('gpu_stream:1')`). fill_kernel: one of FILL_KERNELS; fill_programs: the persistent
+    GPU stream (`compute_on('gpu_stream:1')`). fill_kernel: one of FILL_KERNELS or "auto"
+    (AUTO_FILL_KERNEL by mode); fill_programs: the persistent
     kernel's program count (few leave SMs to the layer's compute; too few cannot keep PCIe busy).
     keep_fill_inputs: hold each prefetch's index arrays live to the end of the layer that issued it (see
     `_fused_step`), so that no buffer reuse links that layer's compute to the fill (H200, 2026-12-04, 32K B=8,
@@ -236,13 +242,13 @@ class FusedOffloadEngine(OffloadEngine):
     """
 
     def __init__(self, model, sparse: SparseConfig, *, selection_hook: DeviceSelectionHook | None = None,
-                 hook_state: Any = None, stream: bool = False, fetch: bool = True, fill_kernel: str = "grid",
+                 hook_state: Any = None, stream: bool = False, fetch: bool = True, fill_kernel: str = "auto",
                  fill_programs: int = DEFAULT_FILL_PROGRAMS, keep_fill_inputs: bool = True, slot_lookup: str = "auto",
                  graph_scheduling: str | None = None, **kwargs):
         if kwargs.get("selection_override") is not None:
             raise SpardaError("the fused engine takes a device selection_hook, not a host selection_override")
-        if fill_kernel not in FILL_KERNELS:
-            raise SpardaError(f"unknown fill kernel {fill_kernel!r} (choose from {', '.join(FILL_KERNELS)})")
+        if fill_kernel not in (*FILL_KERNELS, "auto"):
+            raise SpardaError(f"unknown fill kernel {fill_kernel!r} (choose from auto, {', '.join(FILL_KERNELS)})")
         if fill_programs < 1:
             raise SpardaError(f"fill_programs must be >= 1, got {fill_programs}")
         if slot_lookup not in (*SLOT_LOOKUPS, "auto"):
@@ -255,6 +261,7 @@ class FusedOffloadEngine(OffloadEngine):
         if slot_lookup == "auto":
             slot_lookup = "table" if self.cache_slots > sparse.top_k_blocks else "compare"
         self.slot_lookup = slot_lookup
+        self.fill_kernel = AUTO_FILL_KERNEL[self.selector] if fill_kernel == "auto" else fill_kernel
         self.on_gpu = jax.default_backend() == "gpu"
         self.hosts = host_arrays(self.store)
         graphdef, params = nnx.split(model)
@@ -267,7 +274,7 @@ class FusedOffloadEngine(OffloadEngine):
         if stream:
             opts["xla_gpu_experimental_stream_annotation"] = True
         step_kw = dict(selector=self.selector, sparse=sparse, num_blocks=self.num_blocks, interpret=not self.on_gpu,
-                       stream=stream, fetch=fetch, fill_kernel=fill_kernel, fill_programs=fill_programs,
+                       stream=stream, fetch=fetch, fill_kernel=self.fill_kernel, fill_programs=fill_programs,
                        keep_fill_inputs=keep_fill_inputs, hook=selection_hook)
         step = functools.partial(_fused_step, graphdef, params_tree, **step_kw)
         self._step = jax.jit(step, donate_argnums=(1,), compiler_options=opts or None)

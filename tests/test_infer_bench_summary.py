@@ -163,3 +163,11 @@ def test_multistep_plan_times_resident_runs_both_ways_and_caches_both_offload_mo
     # B=16 is not among --extra-batches: no cache or variant runs; --modes keeps only the named mode
     assert run_plan(a, [16], b_off=16, b_res=0, num_kv_heads=2, dense=False, modes={"sparse-offload"}) == [
         ("offload", "sparse-offload", 16, "zero-copy", 0, "multistep")]
+    # --variant-modes: the variants in each named offload mode
+    a = build_parser().parse_args(["--transfers", "zero-copy", "--variants", "grid,persistent", "--extra-batches", "8",
+                                   "--variant-modes", "sparse-offload,sparda-offload", "--only-variants"])
+    assert run_plan(a, [8], b_off=8, b_res=0, num_kv_heads=2, dense=False, modes=set()) == [
+        ("offload", "sparse-offload", 8, "zero-copy", 0, "grid"),
+        ("offload", "sparse-offload", 8, "zero-copy", 0, "persistent"),
+        ("offload", "sparda-offload", 8, "zero-copy", 0, "grid"),
+        ("offload", "sparda-offload", 8, "zero-copy", 0, "persistent")]
