@@ -209,13 +209,19 @@ def profile_engine(engine, batch: int, run: Run, out: Path, multistep: bool = Fa
 
 
 def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfer, cache_slots, warmup, steps,
-                variant="", replay="trace", profile_out: Path | None = None, cache_warmup: int = 32):
+                variant="", replay="trace", profile_out: Path | None = None, cache_warmup: int = 32,
+                traces: dict | None = None):
+    """One offload decode run. traces: `ReplayTrace`s of this shape and context by (selector statistics, batch),
+    shared by the runs that replay the same selections (filled here)."""
+    import jax.numpy as jnp
+
     from infer.engine import OffloadEngine
     from infer.fused import DEFAULT_FILL_PROGRAMS, GRAPH_SCHEDULING, FusedOffloadEngine
-    from infer.locality import ReplaySelector, device_replay, replay_trace, trace_hook
+    from infer.locality import ReplaySelector, ReplayTrace, device_replay, trace_hook
 
     c = model.config
-    stats = locality["modes"]["sparse-offload" if mode == "sparse-offload" else "sparda-offload"]
+    stats_name = "sparse-offload" if mode == "sparse-offload" else "sparda-offload"
+    stats = locality["modes"][stats_name]
     r = Run(shape, mode, ctx, batch, transfer, cache_slots, variant=variant)
     words = variant.split("+")  # the variant's '+'-joined words (see --variants)
     if (cache_slots or 0) > sparse.top_k_blocks:  # a block cache reaches its steady state only after many steps
@@ -234,7 +240,11 @@ def offload_run(model, sparse, shape, mode, ctx, batch, store, locality, transfe
         replay_args = (stats, c.num_layers, batch, c.num_kv_heads, sparse.top_k_blocks, sparse.local_blocks, ctx)
         if replay == "trace":  # every step time_engine (and profile_engine) runs, drawn before the timing
             traced = PROFILE_STEPS + 1 if profile_out is not None else 0
-            hook, hstate = trace_hook(replay_trace(*replay_args, steps=timed_steps(warmup, steps) + traced))
+            traces = {} if traces is None else traces
+            if (stats_name, batch) not in traces:
+                traces[stats_name, batch] = ReplayTrace(*replay_args)
+            trace = traces[stats_name, batch].take(timed_steps(warmup, steps) + traced)
+            hook, hstate = trace_hook(jnp.asarray(trace))
         else:
             hook, hstate = device_replay(*replay_args)
         phase("selection replay")
@@ -750,6 +760,7 @@ def main():
                                  "zero-copy path needs: lower --host-gb")
             plan = run_plan(a, batches, b_off, b_res, c.num_kv_heads, dense=ctx == contexts[0] and a.dense,
                             modes=modes)
+            traces = {}  # the selection traces of this context, shared by its runs
             for kind, mode, b, transfer, slots, variant in plan:
                 if left() < 45:
                     log("budget spent; stopping")
@@ -762,7 +773,7 @@ def main():
                     else:
                         r = offload_run(model, sparse, shape, mode, ctx, b, store, locality, transfer, slots or None,
                                         a.warmup, a.steps, variant, a.replay, out if a.profile else None,
-                                        a.cache_warmup)
+                                        a.cache_warmup, traces)
                 except Exception as e:  # OOM and the like: record and go on
                     r = Run(shape, mode, ctx, b, transfer, slots, variant=variant,
                             error=f"{type(e).__name__}: {e}"[:400])

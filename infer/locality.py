@@ -291,27 +291,43 @@ def device_replay(stats: dict, num_layers: int, batch: int, kv_heads: int, top_k
     return hook, state
 
 
-def replay_trace(stats: dict, num_layers: int, batch: int, kv_heads: int, top_k: int, local: int, length: int,
-                 steps: int, block: int = 64, seed: int = 0, burn_in: int = 32):
-    """The selections `ReplaySelector` (the host-gather path's replay) makes over `steps` decode steps from context
-    `length` (all sequences equal), drawn on the host before any timing: [steps, L, B, KV, k] int32 on the device,
-    for `trace_hook`. The same statistics as `device_replay`, drawn in numpy: nothing to compile. (Until
-    2026-12-02 the trace came from a jitted all-layer `device_replay` step, compiled anew for every benchmark run;
-    an earlier form of that replay added 52 s to the fused step's GPU compile, H100, 2026-11-23.)
+class ReplayTrace:
+    """The selections `ReplaySelector` (the host-gather path's replay) makes over decode steps from context `length`
+    (all sequences equal), drawn on the host before any timing and kept: `take(n)` returns the first n steps
+    [n, L, B, KV, k] int32, drawing only those not drawn yet. The draws are sequential, so a shorter trace is the
+    prefix of a longer one, and benchmark runs of one (mode, batch, context) share one trace (H200, Llama-3.1-8B
+    shape, 32K B=8: 17-29 s of device-idle host time per run when each drew its own).
 
     `burn_in` unrecorded steps first fill the replay's history of dropped blocks, as a long decode would have it;
     without them the recorded steps' recurrence would start at zero."""
+
+    def __init__(self, stats: dict, num_layers: int, batch: int, kv_heads: int, top_k: int, local: int,
+                 length: int, block: int = 64, seed: int = 0, burn_in: int = 32):
+        self._replay = ReplaySelector(stats, num_layers, batch, kv_heads, top_k, local, block, seed)
+        self._num_layers, self._positions = num_layers, np.full(batch, length)
+        self._steps: list[np.ndarray] = []
+        for _ in range(burn_in):
+            self._draw(0)
+
+    def _draw(self, offset: int) -> np.ndarray:
+        return np.stack([self._replay(layer, None, self._positions + offset) for layer in range(self._num_layers)])
+
+    def take(self, steps: int) -> np.ndarray:
+        while len(self._steps) < steps:
+            self._steps.append(self._draw(len(self._steps)))
+        return np.stack(self._steps[:steps])
+
+
+def replay_trace(stats: dict, num_layers: int, batch: int, kv_heads: int, top_k: int, local: int, length: int,
+                 steps: int, block: int = 64, seed: int = 0, burn_in: int = 32):
+    """`ReplayTrace(...).take(steps)` on the device, for `trace_hook`: the same statistics as `device_replay`, drawn
+    in numpy, nothing to compile. (Until 2026-12-02 the trace came from a jitted all-layer `device_replay` step,
+    compiled anew for every benchmark run; an earlier form of that replay added 52 s to the fused step's GPU
+    compile, H100, 2026-11-23.)"""
     import jax.numpy as jnp
 
-    replay = ReplaySelector(stats, num_layers, batch, kv_heads, top_k, local, block, seed)
-
-    def one_step(position: int) -> np.ndarray:
-        positions = np.full(batch, position)
-        return np.stack([replay(layer, None, positions) for layer in range(num_layers)])
-
-    for _ in range(burn_in):
-        one_step(length)
-    return jnp.asarray(np.stack([one_step(length + s) for s in range(steps)]))
+    trace = ReplayTrace(stats, num_layers, batch, kv_heads, top_k, local, length, block, seed, burn_in)
+    return jnp.asarray(trace.take(steps))
 
 
 def trace_hook(trace):

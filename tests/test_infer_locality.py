@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infer.locality import ReplaySelector, device_replay, locality_from_trace, replay_trace, trace_hook
+from infer.locality import (ReplaySelector, ReplayTrace, device_replay, locality_from_trace, replay_trace,
+                            trace_hook)
 
 TOP_K, LOCAL, BLOCK, LAYERS, BATCH, KVH = 24, 4, 64, 3, 2, 2
 STATS = {"layers": [{"drift": 0.05, "recur": 0.6}, {"drift": 0.25, "recur": 0.9}, {"drift": 0.6, "recur": 0.9}]}
@@ -60,6 +61,17 @@ def test_replay_reproduces_drift_and_keeps_forced_blocks(make_trace):
         # as it does in the real model's trace; with few drops per step (drift 0.05) that bias dominates.
         if given["drift"] >= 0.2:
             assert abs(got["recur"] - given["recur"]) < 0.05, (given, got)
+
+
+def test_a_shared_trace_extended_later_is_the_host_replay_with_burn_in():
+    """Benchmark runs share one ReplayTrace: a short take, then a longer one that draws only the missing steps, must
+    give the same selections as one host replay (burn-in included) drawn in a single pass."""
+    expected = np.array(host_trace())
+    trace = ReplayTrace(STATS, LAYERS, BATCH, KVH, TOP_K, LOCAL, START, burn_in=BURN_IN)
+    short = trace.take(7)
+    np.testing.assert_array_equal(short, expected[:7])
+    np.testing.assert_array_equal(trace.take(STEPS), expected)
+    np.testing.assert_array_equal(trace.take(3), expected[:3])
 
 
 def test_trace_hook_plays_the_host_replay():
