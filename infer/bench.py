@@ -478,6 +478,8 @@ def _goal_ratios(row, runs, find, shape, ctx, b, k, multi: str, pcie_gbps: float
                 row[key("bound_from")] = (("resident sparda " + (res["variant"] or "single steps")) if res
                                           else "nofetch")
                 row[key("bound_term")] = "pcie" if pcie > gpu else "gpu step"
+                if ss:  # sparda_vs_sparse_offload if sparda-offload ran at its bound: the most the ratio can be
+                    row[key("ratio_ceiling")] = ss["step_s"] / max(gpu, pcie)
     if sd and nf and not multi:
         row["exposed_copy_ms"] = (sd["step_s"] - nf["step_s"]) * 1e3
 
@@ -485,7 +487,8 @@ def _goal_ratios(row, runs, find, shape, ctx, b, k, multi: str, pcie_gbps: float
 def summarize(result: dict, pcie_gbps: float = 52.0) -> list[dict]:
     """The goal ratios per (shape, context, batch), from the runs of one result JSON.
 
-    sparda_vs_sparse_offload: tok/s ratio of the two offload modes (zero-copy, k slots). step_vs_bound: sparda-offload
+    sparda_vs_sparse_offload: tok/s ratio of the two offload modes (zero-copy, k slots); ratio_ceiling: the same
+    with sparda-offload at its bound (sparse-offload step / bound). step_vs_bound: sparda-offload
     step / max(GPU-only step, missed bytes / pcie_gbps), with the GPU-only step taken from the resident sparda run at
     the same batch when it fits (its faster timing, named in bound_from), else from the `nofetch`
     variant (same program, fills skipped); bound_term says which of the two is larger; cache_step_vs_bound: the

@@ -41,6 +41,7 @@ def test_summary_ratios():
     # 10 ms against max(resident sparda 5 ms, 520 MB at 52 GB/s = 10 ms)
     assert b2["step_vs_bound"] == pytest.approx(1.0) and b2["bound_from"] == "resident sparda single steps"
     assert b2["bound_term"] == "pcie"
+    assert b2["ratio_ceiling"] == pytest.approx(2.0)  # sparse-offload's 20 ms against the 10 ms bound
     # the table run moves nothing: 5 ms against the resident 5 ms
     assert b2["cache_step_vs_bound"] == pytest.approx(1.0)
     assert b2["exposed_copy_ms"] == pytest.approx(2.0)
@@ -53,11 +54,12 @@ def test_summary_ratios():
     # 12.5 ms against max(the multi-step resident 3 ms, 10 ms of PCIe); the table run moves nothing: 4 / 3 ms
     assert b2["step_vs_bound_multistep"] == pytest.approx(1.25) and b2["bound_term_multistep"] == "pcie"
     assert b2["bound_from_multistep"] == "resident sparda multistep"
+    assert b2["ratio_ceiling_multistep"] == pytest.approx(1.6)  # 16 ms against the 10 ms bound
     assert b2["cache_step_vs_bound_multistep"] == pytest.approx(4 / 3)
     # no resident run at B=8: the bound is max(nofetch 4 ms, 1 ms of PCIe)
     assert b8["step_vs_bound"] == pytest.approx(4.0) and b8["bound_from"] == "nofetch"
     assert b8["bound_term"] == "gpu step"
-    assert "sparda_vs_sparse_offload" not in b8 and "cache_vs_sparse_offload" not in b8
+    assert "sparda_vs_sparse_offload" not in b8 and "cache_vs_sparse_offload" not in b8 and "ratio_ceiling" not in b8
     assert not any(key.endswith("_multistep") for key in b8)
     # best sparda-offload (k slots, no variant) 8 / 0.016 = 500 tok/s vs best resident sparse 2 / 0.004 = 500 tok/s
     assert best["best_throughput_ratio"] == pytest.approx(1.0) and best["batches_run"] == [2, 8]
