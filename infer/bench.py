@@ -656,9 +656,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfers", default="zero-copy,host-gather")
     p.add_argument("--variants", default="nofetch,stream,persistent,persistent+stream",
                    help="zero-copy variants run at --extra-batches: '+'-joined words of nofetch, stream, grid, "
-                   "persistent (or persistentN: N fill programs, default 32; neither: the engine's auto), nokeep (keep_fill_inputs=False), "
-                   "table, concurrent or lhs (the CUDA graph order; default LHS for a step, CONCURRENT for a "
-                   "multi-step program), multistep, sampled (with multistep), cache4k (the 4k-slot cache)")
+                   "persistent (or persistentN: N fill programs, default 32; neither: the engine's auto), nokeep "
+                   "(keep_fill_inputs=False), table, concurrent or lhs (the CUDA graph order; default LHS for a "
+                   "step, CONCURRENT for a multi-step program), multistep, sampled (with multistep), cache4k (the "
+                   "4k-slot cache)")
     p.add_argument("--variant-modes", default="sparda-offload", help="offload modes the --variants run in "
                    "(comma-separated)")
     p.add_argument("--only-variants", action="store_true", help="of the offload runs, only the --variants ones")

@@ -243,8 +243,9 @@ def test_auto_slot_lookup_uses_the_table_only_for_a_pool_larger_than_k(tiny_engi
         assert eng.slot_lookup == expected
 
 
-@pytest.mark.parametrize("mode,fill_kernel,expected", [("sparda", "auto", "persistent"), ("sparse", "auto", "grid"),
-                                                       ("sparda", "grid", "grid"), ("sparse", "persistent", "persistent")])
+@pytest.mark.parametrize("mode,fill_kernel,expected", [
+    ("sparda", "auto", "persistent"), ("sparse", "auto", "grid"), ("sparda", "grid", "grid"),
+    ("sparse", "persistent", "persistent")])
 def test_auto_fill_kernel_is_persistent_for_the_prefetch_and_grid_for_the_waited_fill(tiny_engine_model, mode,
                                                                                        fill_kernel, expected):
     with make_engine(tiny_engine_model, SPARSE, mode + "-offload", batch=1, max_len=1024, transfer="zero-copy",
