@@ -742,7 +742,8 @@ def main():
         log(shape, "model built; device free GB", weights_free / 1e9)
         per_tok = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2
         for ctx in contexts:
-            if left() < 60:
+            if left() < 60:  # said, not silent: a budget under ~110 s runs nothing (H200 2026-12-04, call 2)
+                log(f"budget: {left():.0f} s left, under the 60 s a context needs; context {ctx} and later skipped")
                 break
             max_len = ctx + 256
             seq_host = per_tok * max_len
@@ -767,7 +768,7 @@ def main():
             traces = {}  # the selection traces of this context, shared by its runs
             for kind, mode, b, transfer, slots, variant in plan:
                 if left() < 45:
-                    log("budget spent; stopping")
+                    log(f"budget: {left():.0f} s left, under the 45 s a run needs; stopping")
                     break
                 t_run = time.time()
                 try:

@@ -173,3 +173,13 @@ def test_multistep_plan_times_resident_runs_both_ways_and_caches_both_offload_mo
         ("offload", "sparse-offload", 8, "zero-copy", 0, "persistent"),
         ("offload", "sparda-offload", 8, "zero-copy", 0, "grid"),
         ("offload", "sparda-offload", 8, "zero-copy", 0, "persistent")]
+
+
+def test_a_budget_too_small_for_a_context_says_so(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "infer.bench", "--shapes", "tiny", "--contexts", "2048", "--batches",
+                           "1", "--prefill", "0", "--hf-peer", "0", "--budget-s", "30", "--out", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "under the 60 s a context needs; context 2048 and later skipped" in proc.stdout
+    assert json.loads((tmp_path / "engine_bench_tiny.json").read_text())["runs"] == []
