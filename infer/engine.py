@@ -26,7 +26,7 @@ from flax import nnx
 from infer.host_store import HostKVStore
 from infer.programs import check_program_length, multi_step_options
 from infer.slots import Plan, SlotMap
-from infer.telemetry import LayerStats, StepStats
+from infer.telemetry import LayerStats, StepStats, program_steps
 from infer.transfer import HostGatherFetcher
 from pallas_kernels.sparse_decode import sparse_decode_attention
 from pallas_kernels.sparse_prefill import sparse_prefill_attention
@@ -542,10 +542,8 @@ class ResidentEngine:
             count = min(RESIDENT_PROGRAM_STEPS, num_steps - done)
             t0 = time.perf_counter()
             out, self.cache = self._greedy(self._params, tokens, self.cache, np.int32(count))
-            dispatch = (time.perf_counter() - t0) / count
-            for _ in range(count):
-                self.stats.append(StepStats(self._steps, "decode", float("nan"), dispatch_s=dispatch))
-                self._steps += 1
+            self.stats += program_steps(self._steps, count, (time.perf_counter() - t0) / count)
+            self._steps += count
             tokens = out[count - 1]
             outs.append((out, count))
         return np.concatenate([np.asarray(out)[:n] for out, n in outs])

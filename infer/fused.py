@@ -44,7 +44,7 @@ from flax import nnx
 
 from infer.engine import OffloadEngine, append_token, committed, decode_select, tail_rows
 from infer.programs import check_program_length, multi_step_options
-from infer.telemetry import StepStats
+from infer.telemetry import StepStats, program_steps
 from infer.zero_copy import compact_misses, fill_slots, fill_slots_persistent, host_arrays
 from pallas_kernels.sparse_decode import sparse_decode_attention
 from sparda_jax import selection
@@ -228,9 +228,9 @@ class FusedOffloadEngine(OffloadEngine):
     """`transfer='zero-copy'`: the fused device-resident decode step. Same constructor and API as OffloadEngine.
 
     selection_hook: a `DeviceSelectionHook` (benchmarks; runs inside the jit). stream: put the fills on a second
-    GPU stream (`compute_on('gpu_stream:1')`). fill_kernel: one of FILL_KERNELS or "auto"
-    (AUTO_FILL_KERNEL by mode); fill_programs: the persistent
-    kernel's program count (few leave SMs to the layer's compute; too few cannot keep PCIe busy).
+    GPU stream (`compute_on('gpu_stream:1')`). fill_kernel: one of FILL_KERNELS or "auto" (AUTO_FILL_KERNEL by
+    mode); fill_programs: the persistent kernel's program count (few leave SMs to the layer's compute; too few
+    cannot keep PCIe busy).
     keep_fill_inputs: hold each prefetch's index arrays live to the end of the layer that issued it (see
     `_fused_step`), so that no buffer reuse links that layer's compute to the fill (H200, 2026-12-04, 32K B=8,
     CONCURRENT programs: fills hidden 0.93 against 0.16, 9.05 against 10.26 ms a step at k slots).
@@ -395,12 +395,9 @@ class FusedOffloadEngine(OffloadEngine):
             step_keys = None if keys is None else jax.random.wrap_key_data(raw[done:done + s], impl=impl)
             out, self.state, counts = program(self._params, self.state, tokens, tuple(self.hosts), np.int32(count),
                                               step_keys, sampling)
-            dispatch = (time.perf_counter() - t0) / count
-            for i in range(count):
-                step = StepStats(self._steps, "decode", float("nan"), dispatch_s=dispatch)
-                step.pending = (counts, self.row_bytes, i)
-                self.stats.append(step)
-                self._steps += 1
+            self.stats += program_steps(self._steps, count, (time.perf_counter() - t0) / count, counts,
+                                        self.row_bytes)
+            self._steps += count
             self.lengths = self.lengths + count
             tokens = out[count - 1]
             programs.append((out, count))

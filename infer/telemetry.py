@@ -58,3 +58,12 @@ class StepStats:
                 "tail_hits": int(self.total("tail_hits")), "misses": int(self.total("misses")),
                 "bytes": int(self.total("bytes")), "copy_s": self.total("copy_s"), "wait_s": self.total("wait_s"),
                 "hit_rate": self.hit_rate}
+
+
+def program_steps(first_step: int, count: int, dispatch_s: float, counts: Any = None,
+                  row_bytes: int = 0) -> list[StepStats]:
+    """The stats of one multi-step program's `count` decode steps: its host time spread over them (dispatch_s
+    each), no wall time of their own (NaN: the program is waited for as a whole); with counts ([N, L, 3] on the
+    device, fused engine) step i reads row i of it on first use."""
+    return [StepStats(first_step + i, "decode", float("nan"), dispatch_s=dispatch_s,
+                      pending=None if counts is None else (counts, row_bytes, i)) for i in range(count)]

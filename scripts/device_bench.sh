@@ -7,9 +7,10 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 PYTHONPATH=.
 BENCH_SCRATCH=$(mktemp -d)
 # Each bench is its own process; a call's runs of one shape share matmul shapes and often whole programs, so their
 # compiles and XLA's autotuning (most of a run's device time: 20-40 s, H200 2026-12-04) are cached on the machine's
-# disk for the call's later runs. A call script that sets XLA_FLAGS itself adds to this value.
+# disk for the call's later runs. XLA_FLAGS set before sourcing are kept; a call script that sets XLA_FLAGS later
+# adds to this value.
 export JAX_COMPILATION_CACHE_DIR=$BENCH_SCRATCH/jax_cache
-export XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=$BENCH_SCRATCH/autotune"
+export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_per_fusion_autotune_cache_dir=$BENCH_SCRATCH/autotune"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 
 bench() {
