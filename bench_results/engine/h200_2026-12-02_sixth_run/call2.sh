@@ -7,15 +7,15 @@ B=(--shapes paper8b --warmup 3 --prefill 0 --hf-peer 0 --host-gb 60 --transfers 
 run() {  # name, seconds, then env assignments / extra args via "$@"
   local name=$1 secs=$2; shift 2
   echo "=== $name $(date -u +%T)"
-  timeout $((secs + 40)) env "$@" --budget-s $secs --out /tmp/r/$name > /tmp/r/$name.log 2>&1
-  echo "rc $? $(date -u +%T)"; grep "tok/s" /tmp/r/$name.log
-  cp /tmp/r/$name/engine_bench*.json $OUT/$name.json 2>/dev/null
+  timeout $((secs + 40)) env "$@" --budget-s $secs --out $R/$name > $R/$name.log 2>&1
+  echo "rc $? $(date -u +%T)"; grep "tok/s" $R/$name.log
+  cp $R/$name/engine_bench*.json $OUT/$name.json 2>/dev/null
 }
-mkdir -p /tmp/r
+R=$(mktemp -d)  # scratch folder (/tmp/r when this call ran)
 ls -la $OUT
 run default_b8 130 python3 -m infer.bench "${B[@]}" --batches 8 --extra-batches 8 --profile --contexts 32768 --modes sparda-offload
 run nocmdbuf_b1 110 XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 -m infer.bench "${B[@]}" --batches 1 --extra-batches 1 --contexts 32768 --modes sparda-offload
 run default_b1 110 python3 -m infer.bench "${B[@]}" --batches 1 --extra-batches 1 --contexts 32768 --modes sparda-offload
 run nocmdbuf_64k_b8 150 XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 -m infer.bench "${B[@]}" --contexts 65536 --batches 8 --extra-batches 8 --modes sparse-offload,sparda-offload
-cat /tmp/r/*.log > $OUT/logs.txt
+cat $R/*.log > $OUT/logs.txt
 ls -la $OUT

@@ -7,12 +7,12 @@ B=(--shapes paper8b --warmup 3 --prefill 0 --hf-peer 0 --host-gb 60 --transfers 
 run() {
   local name=$1 secs=$2; shift 2
   echo "=== $name $(date -u +%T)"
-  timeout $((secs + 40)) env "$@" --budget-s $secs --out /tmp/r/$name > /tmp/r/$name.log 2>&1
-  echo "rc $? $(date -u +%T)"; grep "tok/s\|largest" /tmp/r/$name.log
-  cp /tmp/r/$name/engine_bench*.json $OUT/$name.json 2>/dev/null
-  cp /tmp/r/$name/decode_paper8b.png $OUT/$name.png 2>/dev/null
+  timeout $((secs + 40)) env "$@" --budget-s $secs --out $R/$name > $R/$name.log 2>&1
+  echo "rc $? $(date -u +%T)"; grep "tok/s\|largest" $R/$name.log
+  cp $R/$name/engine_bench*.json $OUT/$name.json 2>/dev/null
+  cp $R/$name/decode_paper8b.png $OUT/$name.png 2>/dev/null
 }
-mkdir -p /tmp/r
+R=$(mktemp -d)  # scratch folder (/tmp/r when this call ran)
 run all_32k 290 python3 -m infer.bench "${B[@]}" --contexts 32768 --batches 1,8 --max-batch 8 --extra-batches 1,8
 run all_128k_b8 200 python3 -m infer.bench "${B[@]}" --contexts 131072 --batches 8 --max-batch 8 --extra-batches 8
-cat /tmp/r/*.log > $OUT/logs.txt
+cat $R/*.log > $OUT/logs.txt

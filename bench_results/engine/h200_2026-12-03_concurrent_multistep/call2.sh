@@ -8,14 +8,14 @@ B=(--shapes paper8b --warmup 3 --prefill 0 --hf-peer 0 --host-gb 60 --transfers 
 run() {
   local name=$1 secs=$2; shift 2
   echo "=== $name $(date -u +%T)"
-  timeout $((secs + 40)) env "$@" --budget-s $secs --out /tmp/r/$name > /tmp/r/$name.log 2>&1
-  echo "rc $? $(date -u +%T)"; grep "tok/s\|largest\|summary\|rror" /tmp/r/$name.log | cut -c1-400
-  cp /tmp/r/$name/engine_bench*.json $OUT/$name.json 2>/dev/null
-  cp /tmp/r/$name/decode_paper8b.png $OUT/$name.png 2>/dev/null
-  for f in /tmp/r/$name/profiles/*.png; do [ -e "$f" ] && cp "$f" $OUT/${name}_$(basename $f | tr "+" "_"); done
+  timeout $((secs + 40)) env "$@" --budget-s $secs --out $R/$name > $R/$name.log 2>&1
+  echo "rc $? $(date -u +%T)"; grep "tok/s\|largest\|summary\|rror" $R/$name.log | cut -c1-400
+  cp $R/$name/engine_bench*.json $OUT/$name.json 2>/dev/null
+  cp $R/$name/decode_paper8b.png $OUT/$name.png 2>/dev/null
+  for f in $R/$name/profiles/*.png; do [ -e "$f" ] && cp "$f" $OUT/${name}_$(basename $f | tr "+" "_"); done
 }
-mkdir -p /tmp/r
+R=$(mktemp -d)  # scratch folder (/tmp/r when this call ran)
 run concurrent_32k_b1 420 python3 -m infer.bench "${B[@]}" --contexts 32768 --batches 1 --max-batch 1 --extra-batches 1 \
   --modes sparda,sparse-offload,sparda-offload \
   --variants "concurrent+multistep,cache4k+table+concurrent+multistep,cache4k+table+sampled+multistep"
-cat /tmp/r/*.log | gzip > $OUT/logs.txt.gz
+cat $R/*.log | gzip > $OUT/logs.txt.gz

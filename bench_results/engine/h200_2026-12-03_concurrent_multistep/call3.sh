@@ -8,13 +8,13 @@ B=(--shapes paper8b --warmup 3 --prefill 0 --hf-peer 0 --host-gb 60 --transfers 
 run() {
   local name=$1 secs=$2; shift 2
   echo "=== $name $(date -u +%T)"
-  timeout $((secs + 40)) env "$@" --budget-s $secs --out /tmp/r/$name > /tmp/r/$name.log 2>&1
-  echo "rc $? $(date -u +%T)"; grep "tok/s\|largest\|summary\|rror" /tmp/r/$name.log | cut -c1-400
-  cp /tmp/r/$name/engine_bench*.json $OUT/$name.json 2>/dev/null
-  cp /tmp/r/$name/decode_paper8b.png $OUT/$name.png 2>/dev/null
-  for f in /tmp/r/$name/profiles/*.png; do [ -e "$f" ] && cp "$f" $OUT/${name}_$(basename $f | tr "+" "_"); done
+  timeout $((secs + 40)) env "$@" --budget-s $secs --out $R/$name > $R/$name.log 2>&1
+  echo "rc $? $(date -u +%T)"; grep "tok/s\|largest\|summary\|rror" $R/$name.log | cut -c1-400
+  cp $R/$name/engine_bench*.json $OUT/$name.json 2>/dev/null
+  cp $R/$name/decode_paper8b.png $OUT/$name.png 2>/dev/null
+  for f in $R/$name/profiles/*.png; do [ -e "$f" ] && cp "$f" $OUT/${name}_$(basename $f | tr "+" "_"); done
 }
-mkdir -p /tmp/r
+R=$(mktemp -d)  # scratch folder (/tmp/r when this call ran)
 run sampled_32k_b8 170 python3 -m infer.bench "${B[@]}" --contexts 32768 --batches 8 --extra-batches 8 \
   --modes sparda-offload --only-variants --profile \
   --variants "cache4k+table+sampled+multistep,cache4k+table+concurrent+sampled+multistep"
@@ -22,4 +22,4 @@ run sampled_32k_b1 100 python3 -m infer.bench "${B[@]}" --contexts 32768 --batch
   --modes sparda-offload --only-variants --variants "cache4k+table+concurrent+sampled+multistep"
 run concurrent_128k_b8 230 python3 -m infer.bench "${B[@]}" --contexts 131072 --batches 8 --extra-batches 8 \
   --modes sparda-offload --only-variants --variants "concurrent+multistep,cache4k+table+concurrent+multistep"
-cat /tmp/r/*.log | gzip > $OUT/logs.txt.gz
+cat $R/*.log | gzip > $OUT/logs.txt.gz

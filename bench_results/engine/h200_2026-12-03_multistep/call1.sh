@@ -7,14 +7,14 @@ B=(--shapes paper8b --warmup 3 --prefill 0 --hf-peer 0 --host-gb 60 --transfers 
 run() {
   local name=$1 secs=$2; shift 2
   echo "=== $name $(date -u +%T)"
-  timeout $((secs + 40)) env "$@" --budget-s $secs --out /tmp/r/$name > /tmp/r/$name.log 2>&1
-  echo "rc $? $(date -u +%T)"; grep "tok/s\|largest\|summary" /tmp/r/$name.log
-  cp /tmp/r/$name/engine_bench*.json $OUT/$name.json 2>/dev/null
-  cp /tmp/r/$name/decode_paper8b.png $OUT/$name.png 2>/dev/null
+  timeout $((secs + 40)) env "$@" --budget-s $secs --out $R/$name > $R/$name.log 2>&1
+  echo "rc $? $(date -u +%T)"; grep "tok/s\|largest\|summary" $R/$name.log
+  cp $R/$name/engine_bench*.json $OUT/$name.json 2>/dev/null
+  cp $R/$name/decode_paper8b.png $OUT/$name.png 2>/dev/null
 }
-mkdir -p /tmp/r
+R=$(mktemp -d)  # scratch folder (/tmp/r when this call ran)
 run multistep_32k 330 python3 -m infer.bench "${B[@]}" --contexts 32768 --batches 1,8 --max-batch 8 --extra-batches 1,8 --profile
 run multistep_128k_b8 170 python3 -m infer.bench "${B[@]}" --contexts 131072 --batches 8 --max-batch 8 --extra-batches 8
-cp /tmp/r/multistep_32k/profiles/paper8b_32768_8_sparda-offload_zero-copy_96.png $OUT/profile_32k_b8_default.png 2>/dev/null
-cp /tmp/r/multistep_32k/profiles/paper8b_32768_8_sparda-offload_zero-copy_96_multistep.png $OUT/profile_32k_b8_multistep.png 2>/dev/null
-cat /tmp/r/*.log | gzip > $OUT/logs.txt.gz
+cp $R/multistep_32k/profiles/paper8b_32768_8_sparda-offload_zero-copy_96.png $OUT/profile_32k_b8_default.png 2>/dev/null
+cp $R/multistep_32k/profiles/paper8b_32768_8_sparda-offload_zero-copy_96_multistep.png $OUT/profile_32k_b8_multistep.png 2>/dev/null
+cat $R/*.log | gzip > $OUT/logs.txt.gz

@@ -9,14 +9,14 @@ WHILE="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,
 run() {
   local name=$1 secs=$2; shift 2
   echo "=== $name $(date -u +%T)"
-  timeout $((secs + 40)) env "$@" --budget-s $secs --out /tmp/r/$name > /tmp/r/$name.log 2>&1
-  echo "rc $? $(date -u +%T)"; grep "tok/s\|largest\|summary\|rror" /tmp/r/$name.log | cut -c1-400
-  cp /tmp/r/$name/engine_bench*.json $OUT/$name.json 2>/dev/null
+  timeout $((secs + 40)) env "$@" --budget-s $secs --out $R/$name > $R/$name.log 2>&1
+  echo "rc $? $(date -u +%T)"; grep "tok/s\|largest\|summary\|rror" $R/$name.log | cut -c1-400
+  cp $R/$name/engine_bench*.json $OUT/$name.json 2>/dev/null
 }
-mkdir -p /tmp/r
+R=$(mktemp -d)  # scratch folder (/tmp/r when this call ran)
 run while_32k_b1 170 XLA_FLAGS=$WHILE python3 -m infer.bench "${B[@]}" --batches 1 --extra-batches 1 \
   --modes sparda-offload --profile
 run while_32k_b8 260 XLA_FLAGS=$WHILE python3 -m infer.bench "${B[@]}" --batches 8 --extra-batches 8 \
   --modes sparse-offload,sparda-offload --profile
-cp /tmp/r/while_32k_b1/profiles/*_multistep.png $OUT/ 2>/dev/null
-cat /tmp/r/*.log | gzip > $OUT/logs.txt.gz
+cp $R/while_32k_b1/profiles/*_multistep.png $OUT/ 2>/dev/null
+cat $R/*.log | gzip > $OUT/logs.txt.gz
